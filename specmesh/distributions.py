@@ -1,0 +1,100 @@
+"""Turning logits into the distributions we sample from. Pure tensor math, no I/O.
+
+The target distribution p (verifier) and the draft distribution q (drafter) are both built
+here so that temperature / top-k / top-p mean exactly the same thing on both sides. The order
+matches HF transformers' `generate`: temperature, then top-k, then top-p.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from specmesh.records import SparseDistribution
+from specmesh.sampling_params import SamplingParams
+
+
+def derive_seed(seed: int, *salts: int | str) -> int:
+    """A 63-bit seed that depends only on (seed, salts).
+
+    Every random draw in specmesh comes from a generator seeded this way with the request seed
+    and the committed length it continues, so a seeded request replays exactly no matter how
+    sessions were batched, and drafter and verifier never share random numbers.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(str(seed).encode())
+    for salt in salts:
+        h.update(b"\x00" + str(salt).encode())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+def make_generator(seed: int, *salts: int | str, device: torch.device | str = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(seed, *salts))
+    return generator
+
+
+def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Scaled and truncated logits; removed tokens are -inf.
+
+    logits: [..., V]. Requires params.temperature > 0.
+    """
+    x = logits.float() / params.temperature
+    vocab_size = x.shape[-1]
+    if 0 < params.top_k < vocab_size:
+        kth_largest = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth_largest, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(x, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1.0 - params.top_p)
+        remove_sorted[..., -1] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, sorted_index, remove_sorted)
+        x = x.masked_fill(remove, float("-inf"))
+    return x
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution p the output must follow. logits: [..., V] -> probs [..., V] (float32)."""
+    return warp_logits(logits, params).softmax(dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> int:
+    """Inverse-CDF sample. probs: [V] (need not be normalised), uniform: [] in [0, 1)."""
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, (uniform * cdf[-1]).reshape(1), right=True)
+    return int(index.clamp(max=probs.shape[-1] - 1).item())
+
+
+def draft_distribution(
+    logits: torch.Tensor, params: SamplingParams, draft_top_k: int, uniform: torch.Tensor
+) -> tuple[int, float, SparseDistribution]:
+    """Pick one draft token and describe exactly the distribution it was drawn from.
+
+    logits: [V] of the drafter. uniform: [] in [0, 1).
+    Returns (token, confidence, q). When sampling, the token is drawn from q itself — the
+    temperature-scaled distribution truncated to the top draft_top_k tokens (and the request's
+    top-k/top-p) — so the sparse q sent to the verifier is the true q and verification stays
+    lossless. When greedy, the token is the argmax and q is informative only.
+    """
+    if params.greedy:
+        full = logits.float().softmax(dim=-1)
+        top = torch.topk(full, min(draft_top_k, full.shape[-1]))
+        token = int(top.indices[0].item())
+        q_probs = top.values / top.values.sum()
+        confidence = float(top.values[0].item())
+        return token, confidence, SparseDistribution(tuple(top.indices.tolist()), tuple(q_probs.tolist()))
+    k = draft_top_k if params.top_k <= 0 else min(draft_top_k, params.top_k)
+    k = min(k, logits.shape[-1])
+    scaled = logits.float() / params.temperature
+    top = torch.topk(scaled, k)
+    truncated = SamplingParams(temperature=1.0, top_p=params.top_p, top_k=0)
+    q_probs = target_probs(top.values, truncated)
+    keep = q_probs > 0
+    token_ids = top.indices[keep]
+    q_probs = q_probs[keep] / q_probs[keep].sum()
+    choice = sample_from_probs(q_probs, uniform)
+    token = int(token_ids[choice].item())
+    confidence = float(q_probs[choice].item())
+    return token, confidence, SparseDistribution(tuple(token_ids.tolist()), tuple(q_probs.tolist()))

@@ -1,0 +1,131 @@
+"""Run any HF decoder over a ragged batch of sessions, each appending to its own KV slot.
+
+A ragged batch is padded to [B, Q] (Q = the longest input in the batch); padding writes to the
+cache's scratch slot and is masked out. Positions and the 4-D attention mask are built from each
+session's own cached length, so sessions of any lengths share one forward pass and each sees
+exactly what an unbatched forward would.
+
+Logits are computed only for the positions a caller asks for (the LM head over a 49k-262k
+vocabulary is the most expensive part of a short forward on CPU).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from specmesh.errors import CapacityError
+from specmesh.kv_cache import CacheShape, SlotKVCache
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """Append `tokens` to `slot` after its cached positions; return logits for tokens[logits_from:]."""
+
+    slot: int
+    tokens: Sequence[int]
+    logits_from: int = 0
+
+
+def _cache_argument_name(module: torch.nn.Module) -> str:
+    # transformers 5.2x renamed the forward argument `past_key_values` to `cache`.
+    parameters = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class ModelRunner:
+    """Owns a model and its slot KV cache. One forward pass at a time."""
+
+    def __init__(self, model: torch.nn.Module, num_slots: int, max_tokens: int) -> None:
+        self.model = model
+        self.config = model.config
+        parameter = next(model.parameters())
+        self.device = parameter.device
+        self.dtype = parameter.dtype
+        self.cache = SlotKVCache(CacheShape.from_config(model.config), num_slots, max_tokens, self.dtype, self.device)
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self._cache_argument = _cache_argument_name(self.decoder)
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.vocab_size: int = self.lm_head.weight.shape[0]
+        self._softcap: float | None = getattr(text_config, "final_logit_softcapping", None)
+        layer_types = getattr(text_config, "layer_types", None) or []
+        self._sliding_window: int | None = (
+            getattr(text_config, "sliding_window", None) if "sliding_attention" in layer_types else None
+        )
+
+    @property
+    def max_tokens(self) -> int:
+        return self.cache.max_tokens
+
+    def _masks(self, cached: list[int], lengths: list[int], read_length: int, q_len: int):
+        """Additive masks [B, 1, Q, R]: query j of row b sees key t iff t <= cached[b] + j.
+        Padding queries see only key 0 (any finite row avoids NaN; their output is discarded)."""
+        device = self.device
+        cached_t = torch.tensor(cached, device=device).view(-1, 1, 1)
+        lengths_t = torch.tensor(lengths, device=device).view(-1, 1, 1)
+        query = torch.arange(q_len, device=device).view(1, -1, 1)
+        key = torch.arange(read_length, device=device).view(1, 1, -1)
+        query_position = cached_t + query
+        valid_query = query < lengths_t
+        visible = (key <= query_position) & valid_query
+        padding_rows = (~valid_query) & (key == 0)
+        full = visible | padding_rows
+        masks = {"full_attention": full}
+        if self._sliding_window is not None:
+            masks["sliding_attention"] = (visible & (key > query_position - self._sliding_window)) | padding_rows
+        minimum = torch.finfo(self.dtype).min
+        additive = {
+            name: torch.zeros(m.shape, dtype=self.dtype, device=device).masked_fill(~m, minimum).unsqueeze(1)
+            for name, m in masks.items()
+        }
+        return additive if self._sliding_window is not None else additive["full_attention"]
+
+    @torch.inference_mode()
+    def forward(self, requests: Sequence[ForwardRequest]) -> list[torch.Tensor]:
+        """Returns, per request, logits [len(tokens) - logits_from, V] (float32)."""
+        if not requests:
+            return []
+        cache = self.cache
+        cached = [cache.lengths[r.slot] for r in requests]
+        lengths = [len(r.tokens) for r in requests]
+        for r, c, n in zip(requests, cached, lengths):
+            if n == 0:
+                raise ValueError(f"slot {r.slot}: empty forward request")
+            if c + n > cache.max_tokens:
+                raise CapacityError(f"context of {c + n} tokens exceeds the KV slot size {cache.max_tokens}")
+        batch, q_len = len(requests), max(lengths)
+        device = self.device
+        input_ids = torch.zeros((batch, q_len), dtype=torch.long, device=device)
+        write_slots = torch.full((batch, q_len), cache.scratch_slot, dtype=torch.long, device=device)
+        offsets = torch.arange(q_len, device=device)
+        write_positions = offsets.repeat(batch, 1)
+        position_ids = torch.empty((batch, q_len), dtype=torch.long, device=device)
+        for b, (r, c, n) in enumerate(zip(requests, cached, lengths)):
+            input_ids[b, :n] = torch.tensor(list(r.tokens), dtype=torch.long)
+            write_slots[b, :n] = r.slot
+            write_positions[b, :n] = offsets[:n] + c
+            position_ids[b] = offsets + c
+        read_length = max(c + n for c, n in zip(cached, lengths))
+        slots = [r.slot for r in requests]
+        cache.begin_forward(write_slots, write_positions, slots, read_length)
+        try:
+            out = self.decoder(
+                input_ids=input_ids,
+                attention_mask=self._masks(cached, lengths, read_length, q_len),
+                position_ids=position_ids,
+                use_cache=True,
+                **{self._cache_argument: cache},
+            )
+        finally:
+            cache.end_forward(slots, [c + n for c, n in zip(cached, lengths)])
+        hidden = out.last_hidden_state  # [B, Q, H]
+        rows = torch.cat([torch.full((n - r.logits_from,), b) for b, (r, n) in enumerate(zip(requests, lengths))])
+        cols = torch.cat([torch.arange(r.logits_from, n) for r, n in zip(requests, lengths)])
+        logits = self.lm_head(hidden[rows.to(device), cols.to(device)]).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return list(torch.split(logits, [n - r.logits_from for r, n in zip(requests, lengths)]))
