@@ -1,0 +1,97 @@
+"""The `specmesh` command line. Generated text goes to stdout; everything else to stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+
+import typer
+
+from specmesh.errors import SpecmeshError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="specmesh: speculative decoding split across a cluster.")
+
+@app.callback()
+def _root() -> None:
+    """specmesh: speculative decoding split across a cluster."""
+
+
+DEFAULT_VERIFIER = "smollm2-135m"
+DEFAULT_DRAFTER = "prompt-lookup"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt text."),
+    verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier model REF (hub id, directory, GGUF, short name)."),
+    drafter: str = typer.Option(DEFAULT_DRAFTER,
+                                help="Drafter REF, or 'prompt-lookup', 'layers:N' (verifier's first N layers), 'none'."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off."),
+    seed: int | None = typer.Option(None, help="Makes sampling reproducible."),
+    draft_length: int = typer.Option(4, "--draft-length", help="Tokens drafted and verified per round."),
+    chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt as a user message in the chat template."),
+    stats: bool = typer.Option(False, "--stats", help="Print acceptance and speed to stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Generate text for PROMPT in this process (drafter, verifier and scheduler in one)."""
+    _setup_logging(verbose)
+    from specmesh.detokenize import IncrementalDetokenizer
+    from specmesh.engine import Engine, EngineConfig
+    from specmesh.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).validate()
+        engine = Engine.from_refs(verifier, drafter, EngineConfig(draft_length=draft_length))
+        use_chat = chat and getattr(engine.tokenizer, "chat_template", None)
+        prompt_ids = engine.encode(messages=[{"role": "user", "content": prompt}]) if use_chat else engine.encode(prompt)
+        session = engine.make_session(prompt_ids, params, max_tokens)
+    except SpecmeshError as error:
+        _fail(error)
+
+    async def run() -> None:
+        detokenizer = IncrementalDetokenizer(engine.tokenizer)
+        async for commit in engine.stream(session):
+            sys.stdout.write(detokenizer.add(commit.token_ids))
+            sys.stdout.flush()
+        sys.stdout.write(detokenizer.flush() + "\n")
+
+    start = time.perf_counter()
+    asyncio.run(run())
+    elapsed = time.perf_counter() - start
+    if stats:
+        s = session.stats
+        generated = session.num_generated
+        rate = s.accepted_tokens / s.drafted_tokens if s.drafted_tokens else 0.0
+        typer.echo(
+            f"[specmesh] {generated} tokens in {elapsed:.2f} s ({generated / elapsed:.1f} tokens/s); "
+            f"rounds {s.rounds}, drafted {s.drafted_tokens}, accepted {s.accepted_tokens} "
+            f"(acceptance {rate:.1%}, {generated / max(s.rounds, 1):.2f} tokens/round); "
+            f"drafter {engine.drafter.name if engine.drafter else 'none'}; finish {session.finish_reason}",
+            err=True,
+        )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
