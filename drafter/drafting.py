@@ -21,6 +21,16 @@ RANDOM_STREAM = "draft"
 DEFAULT_DRAFT_TOP_K = 8
 
 
+def draft_uniform(seed: int, position: int) -> torch.Tensor:
+    """The uniform that draws the draft token at absolute sequence position `position`.
+
+    Keyed by position, not by round, so a token drafted ahead of time equals the token that
+    would be drafted on demand from the same prefix: draft-ahead and batching never change what
+    a seeded request produces. (The verifier uses its own, independent stream.)
+    """
+    return torch.rand((), generator=make_generator(seed, RANDOM_STREAM, position))
+
+
 class Drafter(Protocol):
     """What the scheduler needs from any drafter (a model, prompt lookup, ...)."""
 
@@ -86,11 +96,6 @@ class ModelDrafter:
                 continue
             active.append((index, request, slot))
         drafted: dict[int, list[tuple[int, float, SparseDistribution]]] = {index: [] for index, _, _ in active}
-        generators = {
-            index: make_generator(request.params.seed or 0, RANDOM_STREAM,
-                                  request.num_cached_tokens + len(request.new_tokens))
-            for index, request, _ in active
-        }
         step_inputs = {index: tuple(request.new_tokens) for index, request, _ in active}
         limits = {
             index: min(request.num_draft_tokens,
@@ -105,7 +110,8 @@ class ModelDrafter:
             )
             still_running = []
             for (index, request, slot), row in zip(running, logits):
-                uniform = torch.rand((), generator=generators[index])
+                position = request.num_cached_tokens + len(request.new_tokens) + len(drafted[index])
+                uniform = draft_uniform(request.params.seed or 0, position)
                 token, confidence, q = draft_distribution(row[-1], request.params, self.draft_top_k, uniform)
                 drafted[index].append((token, confidence, q))
                 if len(drafted[index]) < limits[index]:
