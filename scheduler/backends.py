@@ -12,6 +12,15 @@ from typing import Protocol, Sequence
 from specmesh.records import DraftChunk, DraftRequest, VerifyItem, VerifyResult
 
 
+class BackendUnavailable(Exception):
+    """A drafter or verifier replica cannot be reached (or broke its stream). The scheduler
+    reacts by moving sessions, never by failing them while another replica exists."""
+
+    def __init__(self, endpoint: str, message: str) -> None:
+        super().__init__(f"{endpoint}: {message}")
+        self.endpoint = endpoint
+
+
 class DraftBackend(Protocol):
     async def draft(self, requests: Sequence[DraftRequest]) -> list[DraftChunk]: ...
 

@@ -10,7 +10,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
-from scheduler.backends import DraftBackend, VerifyBackend
+from typing import Callable
+
+from scheduler.backends import BackendUnavailable, DraftBackend, VerifyBackend
 from scheduler.draft_policy import DraftLengthPolicy
 from scheduler.session import Commit, Session
 from specmesh.records import DraftChunk
@@ -19,9 +21,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Entry:
+class SessionEntry:
+    """A running session and the queue its consumer reads commits (or an error) from."""
+
     session: Session
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+# Called with the entries of a round whose verifier became unreachable; they have already
+# been removed from this loop, and the callee re-homes them (or fails them).
+VerifierLostCallback = Callable[["SpeculationLoop", list[SessionEntry], BackendUnavailable], None]
 
 
 class SpeculationLoop:
@@ -32,13 +41,15 @@ class SpeculationLoop:
         policy: DraftLengthPolicy,
         context_limit: int,
         max_batch_sessions: int = 64,
+        on_verifier_lost: VerifierLostCallback | None = None,
     ) -> None:
+        self.on_verifier_lost = on_verifier_lost
         self.verifier = verifier
         self.drafter = drafter
         self.policy = policy
         self.context_limit = context_limit
         self.max_batch_sessions = max_batch_sessions
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, SessionEntry] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._to_release: list[str] = []
@@ -51,12 +62,8 @@ class SpeculationLoop:
     async def stream(self, session: Session) -> AsyncIterator[Commit]:
         """Run one session to completion, yielding each round's commit. Closing the iterator
         early (client gone) cancels the session and frees its state at drafter and verifier."""
-        if session.session_id in self._entries:
-            raise ValueError(f"session {session.session_id!r} is already running")
-        entry = _Entry(session)
-        self._entries[session.session_id] = entry
-        self._ensure_running()
-        self._wakeup.set()
+        entry = SessionEntry(session)
+        self.adopt(entry)
         try:
             while True:
                 item = await entry.outbox.get()
@@ -68,7 +75,32 @@ class SpeculationLoop:
         finally:
             if not session.finished:
                 session.cancel()
-                self._wakeup.set()
+                self.wake()
+
+    def adopt(self, entry: SessionEntry) -> None:
+        """Run this entry's session here (a new session, or one moved from a lost verifier)."""
+        if entry.session.session_id in self._entries:
+            raise ValueError(f"session {entry.session.session_id!r} is already running")
+        self._entries[entry.session.session_id] = entry
+        self._ensure_running()
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def detach_all(self) -> list[SessionEntry]:
+        """Remove and return every live session (this loop's verifier is gone)."""
+        entries = [e for e in self._entries.values() if not e.session.finished]
+        self._entries.clear()
+        return entries
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing
+                pass
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
@@ -85,6 +117,14 @@ class SpeculationLoop:
                 continue
             try:
                 await self.run_round(live[: self.max_batch_sessions])
+            except BackendUnavailable as error:
+                if self.on_verifier_lost is None:
+                    for entry in live[: self.max_batch_sessions]:
+                        entry.session.cancel()
+                        entry.outbox.put_nowait(error)
+                else:
+                    self.on_verifier_lost(self, self.detach_all(), error)
+                    continue
             except Exception as error:  # noqa: BLE001 - delivered to every session in the round
                 log.exception("speculation round failed")
                 for entry in live[: self.max_batch_sessions]:
@@ -107,9 +147,12 @@ class SpeculationLoop:
                 await self.drafter.release(done)
             except Exception:  # noqa: BLE001 - a drafter that cannot release will evict by TTL
                 log.warning("drafter release failed for %d sessions", len(done))
-        await self.verifier.release(done)
+        try:
+            await self.verifier.release(done)
+        except Exception:  # noqa: BLE001 - a lost verifier holds nothing worth releasing
+            log.warning("verifier release failed for %d sessions", len(done))
 
-    async def run_round(self, entries: Sequence[_Entry]) -> None:
+    async def run_round(self, entries: Sequence[SessionEntry]) -> None:
         sessions = [e.session for e in entries]
         lengths = self.policy.draft_lengths(sessions, self.context_limit)
         chunks = await self._draft(sessions, lengths)

@@ -1,0 +1,48 @@
+"""`python -m scheduler` / `specmesh serve scheduler`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+app = typer.Typer(add_completion=False)
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@app.command()
+def main(
+    verifiers: str = typer.Option(..., envvar="SPECMESH_SCHEDULER_VERIFIERS", help="host:port,... of verifiers."),
+    drafters: str = typer.Option("", envvar="SPECMESH_SCHEDULER_DRAFTERS", help="host:port,... of drafters."),
+    host: str = typer.Option("127.0.0.1", envvar="SPECMESH_SCHEDULER_HOST"),
+    port: int = typer.Option(50052, envvar="SPECMESH_SCHEDULER_PORT"),
+    draft_length: int = typer.Option(4, envvar="SPECMESH_SCHEDULER_DRAFT_LENGTH"),
+    max_batch_sessions: int = typer.Option(64, envvar="SPECMESH_SCHEDULER_MAX_BATCH_SESSIONS"),
+    max_tokens_limit: int = typer.Option(4096, envvar="SPECMESH_SCHEDULER_MAX_TOKENS_LIMIT"),
+    verify_timeout_s: float = typer.Option(120.0, envvar="SPECMESH_SCHEDULER_VERIFY_TIMEOUT_S"),
+    draft_timeout_s: float = typer.Option(30.0, envvar="SPECMESH_SCHEDULER_DRAFT_TIMEOUT_S"),
+    connect_wait_s: float = typer.Option(300.0, envvar="SPECMESH_SCHEDULER_CONNECT_WAIT_S"),
+    replica_cooldown_s: float = typer.Option(5.0, envvar="SPECMESH_SCHEDULER_REPLICA_COOLDOWN_S"),
+    grace_s: float = typer.Option(5.0, envvar="SPECMESH_SCHEDULER_GRACE_S"),
+    log_level: str = typer.Option("INFO", envvar="SPECMESH_LOG_LEVEL"),
+) -> None:
+    """Run the scheduler: owns sessions and runs the speculation loop over drafter and verifier pools."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s scheduler %(name)s: %(message)s")
+    from scheduler.config import SchedulerConfig
+    from scheduler.server import run
+
+    run(SchedulerConfig(
+        verifiers=_split(verifiers), drafters=_split(drafters), host=host, port=port, draft_length=draft_length,
+        max_batch_sessions=max_batch_sessions, max_tokens_limit=max_tokens_limit,
+        verify_timeout_s=verify_timeout_s, draft_timeout_s=draft_timeout_s, connect_wait_s=connect_wait_s,
+        replica_cooldown_s=replica_cooldown_s, grace_s=grace_s,
+    ))
+
+
+if __name__ == "__main__":
+    app()

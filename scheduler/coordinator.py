@@ -1,0 +1,171 @@
+"""The scheduler's core: admits sessions, pins each to a verifier replica (one speculation loop
+per verifier, so every round is one batched Verify per replica), routes drafts through the
+drafter pool, and moves sessions when a replica disappears. No gRPC server code here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from scheduler.backends import BackendUnavailable
+from scheduler.draft_policy import DraftLengthPolicy
+from scheduler.drafter_router import DrafterRouter
+from scheduler.replica_pool import ReplicaPool
+from scheduler.session import Commit, Session
+from scheduler.speculation_loop import SessionEntry, SpeculationLoop
+from specmesh.errors import InvalidRequestError, TokenizerMismatchError
+from specmesh.grpc_errors import NoBackendError
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, verifiers: ReplicaPool, drafters: DrafterRouter | None, policy: DraftLengthPolicy,
+                 max_batch_sessions: int = 64, max_tokens_limit: int = 4096) -> None:
+        self.verifiers = verifiers
+        self.drafters = drafters
+        self.policy = policy
+        self.max_batch_sessions = max_batch_sessions
+        self.max_tokens_limit = max_tokens_limit
+        self.prompt_lengths: dict[str, int] = {}  # shared with remote clients
+        self.context_limit: int | None = None
+        self.vocab_size: int | None = None
+        self.tokenizer_fingerprint: str | None = None
+        self._loops: dict[str, SpeculationLoop] = {}
+        self._home: dict[str, str] = {}  # session id -> verifier endpoint
+        self.num_verifier_failovers = 0
+
+    # ---- start-up ---------------------------------------------------------------------------
+    async def connect(self, wait_s: float = 60.0) -> None:
+        """Learn context limit, vocabulary and tokenizer from the verifiers; check drafters.
+
+        Waits up to wait_s for at least one verifier. Drafters with another tokenizer are
+        refused with a clear error (TokenizerMismatchError) while they are the only ones.
+        """
+        deadline = asyncio.get_running_loop().time() + wait_s
+        profiles = {}
+        while not profiles:
+            for endpoint in self.verifiers.source.endpoints():
+                try:
+                    profiles[endpoint] = await self.verifiers.client(endpoint).profile()
+                except BackendUnavailable as error:
+                    log.info("verifier %s not ready: %s", endpoint, error)
+            if not profiles:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise NoBackendError(f"no verifier reachable among {self.verifiers.source.endpoints()}")
+                await asyncio.sleep(0.5)
+        fingerprints = {p.tokenizer_fingerprint for p in profiles.values()}
+        if len(fingerprints) > 1:
+            raise TokenizerMismatchError(f"verifiers disagree on the tokenizer: {sorted(fingerprints)}")
+        self.tokenizer_fingerprint = fingerprints.pop()
+        self.context_limit = min(p.max_context_tokens for p in profiles.values())
+        self.vocab_size = min(p.vocab_size for p in profiles.values())
+        if self.drafters is not None:
+            await self.check_drafters()
+
+    async def check_drafters(self) -> None:
+        pool = self.drafters.pool
+        mismatched = []
+        for endpoint in pool.source.endpoints():
+            try:
+                profile = await pool.client(endpoint).profile()
+            except BackendUnavailable as error:
+                log.warning("drafter %s not reachable yet: %s", endpoint, error)
+                continue
+            if profile.tokenizer_fingerprint != self.tokenizer_fingerprint:
+                pool.reject(endpoint)
+                mismatched.append(f"{endpoint} ({profile.model_name})")
+        if mismatched:
+            raise TokenizerMismatchError(
+                "drafter and verifier must share a tokenizer; these drafters use another one: " + ", ".join(mismatched))
+
+    # ---- sessions ----------------------------------------------------------------------------
+    def validate(self, session: Session) -> None:
+        if not session.prompt_tokens:
+            raise InvalidRequestError("prompt must not be empty")
+        if session.max_tokens <= 0 or session.max_tokens > self.max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens must be in [1, {self.max_tokens_limit}], got {session.max_tokens}")
+        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in session.prompt_tokens):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if self.context_limit is not None and len(session.prompt_tokens) + session.max_tokens > self.context_limit:
+            raise InvalidRequestError(
+                f"prompt ({len(session.prompt_tokens)} tokens) + max_tokens ({session.max_tokens}) exceeds the "
+                f"model's context of {self.context_limit} tokens")
+        session.params.validate()
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._home)
+
+    def _load(self, endpoint: str) -> int:
+        loop = self._loops.get(endpoint)
+        return loop.num_sessions if loop is not None else 0
+
+    def _loop_for(self, endpoint: str) -> SpeculationLoop:
+        if endpoint not in self._loops:
+            self._loops[endpoint] = SpeculationLoop(
+                self.verifiers.client(endpoint), self.drafters, self.policy,
+                context_limit=self.context_limit or 1 << 30, max_batch_sessions=self.max_batch_sessions,
+                on_verifier_lost=self._verifier_lost,
+            )
+        return self._loops[endpoint]
+
+    def _place(self, entry: SessionEntry, exclude: set[str] = frozenset()) -> bool:
+        endpoint = self.verifiers.pick_least_loaded(self._load, exclude)
+        if endpoint is None:
+            return False
+        self._home[entry.session.session_id] = endpoint
+        self._loop_for(endpoint).adopt(entry)
+        return True
+
+    def _verifier_lost(self, loop: SpeculationLoop, entries: list[SessionEntry], error: BackendUnavailable) -> None:
+        endpoint = error.endpoint
+        log.warning("verifier %s lost (%s); moving %d sessions", endpoint, error, len(entries))
+        self.verifiers.mark_failed(endpoint)
+        self._loops.pop(endpoint, None)
+        for entry in entries:
+            # The new verifier holds nothing: re-prefill from the committed tokens.
+            entry.session.verifier_cached = 0
+            if self._place(entry, exclude={endpoint}):
+                self.num_verifier_failovers += 1
+            else:
+                self._home.pop(entry.session.session_id, None)
+                entry.session.cancel()
+                entry.outbox.put_nowait(NoBackendError("no verifier is reachable"))
+
+    async def stream(self, session: Session) -> AsyncIterator[Commit]:
+        """Run a session to completion. Closing the iterator early cancels it everywhere."""
+        self.validate(session)
+        entry = SessionEntry(session)
+        self.prompt_lengths[session.session_id] = len(session.prompt_tokens)
+        if not self._place(entry):
+            self.prompt_lengths.pop(session.session_id, None)
+            raise NoBackendError("no verifier is reachable")
+        try:
+            while True:
+                item = await entry.outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not session.finished:
+                session.cancel()
+            home = self._home.pop(session.session_id, None)
+            if home in self._loops:
+                self._loops[home].wake()
+            self.prompt_lengths.pop(session.session_id, None)
+
+    async def close(self) -> None:
+        for loop in self._loops.values():
+            await loop.close()
+        for endpoint, client in self.verifiers.clients().items():
+            await client.close()
+        if self.drafters is not None:
+            for client in self.drafters.pool.clients().values():
+                await client.close()
+
+

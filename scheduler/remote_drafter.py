@@ -1,0 +1,139 @@
+"""A drafter replica over gRPC: one bidirectional Draft stream per scheduler connection.
+
+Syncs are written with increasing sequence numbers; a reader task collects the chunks answering
+each (until `last`). A broken stream fails every pending sync with BackendUnavailable and is
+reopened on next use. Drafts are optional: a slow answer is abandoned after a timeout and the
+round proceeds without drafts for those sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Sequence
+
+from grpc import aio
+
+from scheduler import convert
+from scheduler.backends import BackendUnavailable
+from specmesh.grpc_server import insecure_channel
+from specmesh.records import DraftChunk, DraftRequest
+from specmesh.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class RemoteDrafter:
+    def __init__(self, endpoint: str, timeout_s: float, prompt_lengths: dict[str, int]) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._prompt_lengths = prompt_lengths
+        self._channel: aio.Channel = insecure_channel(endpoint)
+        self._stub = drafter_pb2_grpc.DrafterStub(self._channel)
+        self._call: aio.StreamStreamCall | None = None
+        self._reader: asyncio.Task | None = None
+        self._sequence = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, list[drafter_pb2.DraftChunk]]] = {}
+
+    def _ensure_stream(self) -> aio.StreamStreamCall:
+        if self._call is None or self._call.done():
+            self._call = self._stub.Draft()
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
+        return self._call
+
+    async def _read(self, call: aio.StreamStreamCall) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                message = await call.read()
+                if message is aio.EOF:
+                    break
+                waiting = self._pending.get(message.sequence)
+                if waiting is None:
+                    continue  # an answer we stopped waiting for
+                future, parts = waiting
+                parts.append(message)
+                if message.last and not future.done():
+                    future.set_result(parts)
+                    del self._pending[message.sequence]
+        except asyncio.CancelledError:
+            error = BackendUnavailable(self.endpoint, "draft stream closed")
+        except aio.AioRpcError as rpc_error:
+            error = BackendUnavailable(self.endpoint, f"draft stream broke: {rpc_error.code().name}")
+        except Exception as other:  # noqa: BLE001 - any reader failure means the stream is gone
+            error = BackendUnavailable(self.endpoint, f"draft stream failed: {other!r}")
+        finally:
+            failure = error or BackendUnavailable(self.endpoint, "draft stream ended")
+            for future, _ in self._pending.values():
+                if not future.done():
+                    future.set_exception(failure)
+            self._pending.clear()
+            if self._call is call:
+                self._call = None
+
+    async def draft(self, requests: Sequence[DraftRequest]) -> list[DraftChunk]:
+        call = self._ensure_stream()
+        loop = asyncio.get_running_loop()
+        waits: list[tuple[int, asyncio.Future]] = []
+        try:
+            for request in requests:
+                sequence = next(self._sequence)
+                future = loop.create_future()
+                self._pending[sequence] = (future, [])
+                waits.append((sequence, future))
+                generated = request.num_cached_tokens + len(request.new_tokens) - self._prompt_lengths.get(
+                    request.session_id, 0)
+                await call.write(convert.draft_request(request, sequence, max(generated, 0)))
+        except (aio.AioRpcError, asyncio.InvalidStateError, RuntimeError) as error:
+            self._abandon(waits)
+            raise BackendUnavailable(self.endpoint, f"cannot write to draft stream: {error!r}")
+        done, _ = await asyncio.wait([f for _, f in waits], timeout=self.timeout_s)
+        chunks: list[DraftChunk] = []
+        for request, (sequence, future) in zip(requests, waits):
+            if future in done:
+                if future.exception() is not None:
+                    self._abandon(waits)
+                    raise future.exception()
+                chunks.append(convert.draft_chunk(future.result()))
+            else:
+                # Too slow this round: verify without drafts; our belief of its cache is unchanged.
+                self._pending.pop(sequence, None)
+                chunks.append(DraftChunk(request.session_id, request.num_cached_tokens + len(request.new_tokens),
+                                         num_cached_tokens=request.num_cached_tokens))
+        return chunks
+
+    def _abandon(self, waits: list[tuple[int, asyncio.Future]]) -> None:
+        for sequence, future in waits:
+            self._pending.pop(sequence, None)
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # mark retrieved
+
+    async def release(self, session_ids: Sequence[str]) -> None:
+        if not session_ids:
+            return
+        try:
+            await self._stub.Release(common_pb2.ReleaseRequest(session_ids=list(session_ids)), timeout=5.0)
+        except aio.AioRpcError as error:
+            raise BackendUnavailable(self.endpoint, f"Release failed: {error.code().name}")
+
+    async def profile(self, timeout_s: float = 10.0) -> common_pb2.ProfileResponse:
+        try:
+            return await self._stub.Profile(common_pb2.ProfileRequest(), timeout=timeout_s)
+        except aio.AioRpcError as error:
+            raise BackendUnavailable(self.endpoint, f"Profile failed: {error.code().name} {error.details()}")
+
+    async def stats(self, timeout_s: float = 5.0) -> common_pb2.StatsResponse:
+        try:
+            return await self._stub.Stats(common_pb2.StatsRequest(), timeout=timeout_s)
+        except aio.AioRpcError as error:
+            raise BackendUnavailable(self.endpoint, f"Stats failed: {error.code().name}")
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+        await self._channel.close()

@@ -1,0 +1,77 @@
+"""Start the scheduler service: connect to verifiers/drafters, then serve the Scheduler API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from scheduler.config import SchedulerConfig
+from scheduler.coordinator import Coordinator
+from scheduler.draft_policy import FixedDraftLength
+from scheduler.drafter_router import DrafterRouter
+from scheduler.remote_drafter import RemoteDrafter
+from scheduler.remote_verifier import RemoteVerifier
+from scheduler.replica_pool import ReplicaPool, StaticEndpoints
+from scheduler.servicer import SchedulerServicer
+from specmesh.grpc_server import GrpcService
+from specmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+@dataclass
+class RunningScheduler:
+    service: GrpcService
+    coordinator: Coordinator
+
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    @property
+    def port(self) -> int:
+        return self.service.port
+
+    async def stop(self) -> None:
+        await self.service.stop()
+
+
+def build_coordinator(config: SchedulerConfig) -> Coordinator:
+    prompt_lengths: dict[str, int] = {}
+    verifiers = ReplicaPool(StaticEndpoints(list(config.verifiers)),
+                            lambda e: RemoteVerifier(e, config.verify_timeout_s, prompt_lengths),
+                            cooldown_s=config.replica_cooldown_s)
+    drafters = None
+    if config.drafters:
+        drafters = DrafterRouter(ReplicaPool(StaticEndpoints(list(config.drafters)),
+                                             lambda e: RemoteDrafter(e, config.draft_timeout_s, prompt_lengths),
+                                             cooldown_s=config.replica_cooldown_s))
+    coordinator = Coordinator(verifiers, drafters, FixedDraftLength(config.draft_length),
+                              max_batch_sessions=config.max_batch_sessions, max_tokens_limit=config.max_tokens_limit)
+    coordinator.prompt_lengths = prompt_lengths
+    return coordinator
+
+
+async def start_scheduler(config: SchedulerConfig) -> RunningScheduler:
+    """Listen at once (health NOT_SERVING), connect to the pools, then report SERVING."""
+    coordinator = build_coordinator(config)
+    service = GrpcService(config.host, config.port, [SERVICE_NAME], grace_s=config.grace_s)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(coordinator), service.server)
+    service.on_stop(coordinator.close)
+    await service.start()
+    await coordinator.connect(wait_s=config.connect_wait_s)
+    await service.set_serving()
+    return RunningScheduler(service, coordinator)
+
+
+async def serve(config: SchedulerConfig) -> None:
+    running = await start_scheduler(config)
+    running.service.install_signal_handlers()
+    print(f"scheduler listening on {running.address}", flush=True)
+    await running.service.serve_until_stopped()
+
+
+def run(config: SchedulerConfig) -> None:
+    asyncio.run(serve(config))
