@@ -1,19 +1,38 @@
-"""How many tokens to draft and verify for each session this round.
+"""How many tokens to draft, and how many of them to verify, for each session each round.
 
-A policy sees only scheduler-side state that is older than the draft it sizes, so the choice
-cannot depend on the drafted tokens themselves (DSpark appendix A shows how that can bias
-the output).
+Two decisions per round:
+1. `draft_lengths` before drafting: from scheduler-side state only.
+2. `verify_lengths` after drafting: how much of each chunk goes into the verify batch. To stay
+   lossless, whether draft token j is verified may depend on the tokens before it (and their
+   confidences) but never on token j itself (DSpark appendix A): a prefix-closed rule with an
+   early stop. Dropping a token never biases the output because its position is then sampled
+   from p directly.
+Then `observe` gets each round's outcome (for calibration).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from scheduler.session import Session
+from specmesh.records import DraftChunk, VerifyItem, VerifyResult
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    chunk: DraftChunk | None
+    item: VerifyItem
+    result: VerifyResult
 
 
 class DraftLengthPolicy(Protocol):
     def draft_lengths(self, sessions: Sequence[Session], context_limit: int) -> dict[str, int]: ...
+
+    def verify_lengths(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
+                       draft_lengths: dict[str, int]) -> dict[str, int]: ...
+
+    async def observe(self, outcomes: Sequence[RoundOutcome]) -> None: ...
 
 
 class FixedDraftLength:
@@ -26,3 +45,10 @@ class FixedDraftLength:
 
     def draft_lengths(self, sessions: Sequence[Session], context_limit: int) -> dict[str, int]:
         return {s.session_id: min(self.k, s.draft_limit(context_limit)) for s in sessions}
+
+    def verify_lengths(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
+                       draft_lengths: dict[str, int]) -> dict[str, int]:
+        return dict(draft_lengths)
+
+    async def observe(self, outcomes: Sequence[RoundOutcome]) -> None:
+        return None

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Sequence
 from typing import Callable
 
 from scheduler.backends import BackendUnavailable, DraftBackend, VerifyBackend
-from scheduler.draft_policy import DraftLengthPolicy
+from scheduler.draft_policy import DraftLengthPolicy, RoundOutcome
 from scheduler.session import Commit, Session
 from specmesh.records import DraftChunk
 
@@ -156,16 +156,21 @@ class SpeculationLoop:
         sessions = [e.session for e in entries]
         lengths = self.policy.draft_lengths(sessions, self.context_limit)
         chunks = await self._draft(sessions, lengths)
-        items = [s.verify_item(chunks.get(s.session_id), lengths[s.session_id]) for s in sessions]
+        verify_lengths = self.policy.verify_lengths(sessions, chunks, lengths)
+        items = [s.verify_item(chunks.get(s.session_id), verify_lengths.get(s.session_id, 0)) for s in sessions]
         results = await self.verifier.verify(items)
         self.num_rounds += 1
+        outcomes = []
         for entry, item, result in zip(entries, items, results):
             session = entry.session
+            chunk = chunks.get(session.session_id)
+            outcomes.append(RoundOutcome(chunk, item, result))
             if session.finished:  # cancelled while the round was in flight
                 continue
-            commit = session.commit(item, result, chunks.get(session.session_id))
+            commit = session.commit(item, result, chunk)
             if commit.token_ids or commit.finish_reason:
                 entry.outbox.put_nowait(commit)
+        await self.policy.observe(outcomes)
 
     async def _draft(self, sessions: Sequence[Session], lengths: dict[str, int]) -> dict[str, DraftChunk]:
         wanted = [s for s in sessions if lengths[s.session_id] > 0]
