@@ -89,6 +89,59 @@ def generate(
         )
 
 
+SERVICES = ("gateway", "scheduler", "drafter", "verifier")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def serve(ctx: typer.Context, service: str = typer.Argument(..., help="gateway | scheduler | drafter | verifier")) -> None:
+    """Run one service (what a Kubernetes pod runs). `specmesh serve SERVICE --help` lists its options."""
+    if service not in SERVICES:
+        typer.echo(f"error: unknown service {service!r}; choose one of {', '.join(SERVICES)}", err=True)
+        raise typer.Exit(code=2)
+    import importlib
+
+    # Each service owns its flags (and SPECMESH_<SERVICE>_* env vars) in its own __main__.
+    module = importlib.import_module(f"{service}.__main__")
+    module.app(args=list(ctx.args), prog_name=f"specmesh serve {service}")
+
+
+@app.command()
+def up(
+    verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier model REF."),
+    drafter: str = typer.Option(DEFAULT_DRAFTER, help="Drafter REF ('prompt-lookup', 'layers:N', 'none' or a model)."),
+    port: int = typer.Option(50051, help="Gateway gRPC port."),
+    http_port: int | None = typer.Option(None, "--http-port", help="Gateway OpenAI-compatible HTTP port."),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="Share scheduler statistics through Redis."),
+    trace_file: str | None = typer.Option(None, "--trace-file", help="Write OpenTelemetry traces here."),
+    api_keys_file: str | None = typer.Option(None, "--api-keys-file", help="Require these API keys."),
+    draft_length: int = typer.Option(4, "--draft-length"),
+    log_dir: str | None = typer.Option(None, "--log-dir", help="Write each service's log to DIR/<service>.log."),
+) -> None:
+    """Start gateway, scheduler, drafter and verifier as separate processes on loopback."""
+    from pathlib import Path
+
+    from specmesh.local_cluster import ClusterStartError, LocalCluster
+
+    cluster = LocalCluster(verifier=verifier, drafter=drafter, port=port, http_port=http_port, redis_url=redis_url,
+                           trace_file=trace_file, api_keys_file=api_keys_file, draft_length=draft_length,
+                           log_dir=Path(log_dir) if log_dir else None)
+    typer.echo("specmesh up: starting verifier, drafter, scheduler, gateway ...", err=True)
+    try:
+        cluster.start()
+    except ClusterStartError as error:
+        _fail(error)
+    typer.echo(f"specmesh gateway listening on {cluster.gateway_address} (gRPC)"
+               + (f" and http://127.0.0.1:{http_port} (HTTP)" if http_port else ""), err=False)
+    typer.echo("press Ctrl-C to stop", err=True)
+    code = 0
+    try:
+        code = cluster.wait()
+    finally:
+        cluster.stop()
+        typer.echo("specmesh up: stopped", err=True)
+    raise typer.Exit(code=code)
+
+
 def main() -> None:
     app()
 
