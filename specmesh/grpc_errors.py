@@ -6,6 +6,7 @@ no handler repeats try/except and an unexpected bug becomes INTERNAL instead of 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable
 
@@ -81,6 +82,10 @@ def _wrap_unary(behaviour: Callable) -> Callable:
 
 
 def _wrap_stream(behaviour: Callable) -> Callable:
+    if not inspect.isasyncgenfunction(behaviour):
+        # A streaming handler written as a coroutine that writes via context (e.g. Health.Watch).
+        return _wrap_unary(behaviour)
+
     async def handler(request: Any, context: aio.ServicerContext):
         try:
             async for response in behaviour(request, context):
