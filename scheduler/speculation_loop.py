@@ -115,6 +115,8 @@ class SpeculationLoop:
                 if not self._entries:
                     await self._wakeup.wait()
                 continue
+            # The oldest sessions run until they finish; later ones wait their turn (rotating
+            # instead would make every group evict the previous one's KV state each round).
             try:
                 await self.run_round(live[: self.max_batch_sessions])
             except BackendUnavailable as error:
@@ -130,10 +132,6 @@ class SpeculationLoop:
                 for entry in live[: self.max_batch_sessions]:
                     entry.session.cancel()
                     entry.outbox.put_nowait(error)
-            # Rotate so sessions beyond max_batch_sessions get their turn.
-            for entry in live[: self.max_batch_sessions]:
-                if entry.session.session_id in self._entries:
-                    self._entries[entry.session.session_id] = self._entries.pop(entry.session.session_id)
             await asyncio.sleep(0)
 
     async def _release_finished(self) -> None:
