@@ -110,10 +110,6 @@ def up(
     verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier model REF."),
     drafter: str = typer.Option(DEFAULT_DRAFTER, help="Drafter REF ('prompt-lookup', 'layers:N', 'none' or a model)."),
     port: int = typer.Option(50051, help="Gateway gRPC port."),
-    http_port: int | None = typer.Option(None, "--http-port", help="Gateway OpenAI-compatible HTTP port."),
-    redis_url: str | None = typer.Option(None, "--redis-url", help="Share scheduler statistics through Redis."),
-    trace_file: str | None = typer.Option(None, "--trace-file", help="Write OpenTelemetry traces here."),
-    api_keys_file: str | None = typer.Option(None, "--api-keys-file", help="Require these API keys."),
     draft_length: int = typer.Option(4, "--draft-length"),
     log_dir: str | None = typer.Option(None, "--log-dir", help="Write each service's log to DIR/<service>.log."),
 ) -> None:
@@ -122,16 +118,14 @@ def up(
 
     from specmesh.local_cluster import ClusterStartError, LocalCluster
 
-    cluster = LocalCluster(verifier=verifier, drafter=drafter, port=port, http_port=http_port, redis_url=redis_url,
-                           trace_file=trace_file, api_keys_file=api_keys_file, draft_length=draft_length,
+    cluster = LocalCluster(verifier=verifier, drafter=drafter, port=port, draft_length=draft_length,
                            log_dir=Path(log_dir) if log_dir else None)
     typer.echo("specmesh up: starting verifier, drafter, scheduler, gateway ...", err=True)
     try:
         cluster.start()
     except ClusterStartError as error:
         _fail(error)
-    typer.echo(f"specmesh gateway listening on {cluster.gateway_address} (gRPC)"
-               + (f" and http://127.0.0.1:{http_port} (HTTP)" if http_port else ""), err=False)
+    typer.echo(f"specmesh gateway listening on {cluster.gateway_address} (gRPC)")
     typer.echo("press Ctrl-C to stop", err=True)
     code = 0
     try:

@@ -74,10 +74,6 @@ class LocalCluster:
     verifier: str
     drafter: str
     port: int = 50051
-    http_port: int | None = None
-    redis_url: str | None = None
-    trace_file: str | None = None
-    api_keys_file: str | None = None
     draft_length: int = 4
     start_timeout_s: float = 600.0
     log_dir: Path | None = None
@@ -116,10 +112,6 @@ class LocalCluster:
             scheduler = self._spawn("scheduler", free_port(), scheduler_args)
             wait_serving(scheduler.address, self.start_timeout_s, scheduler.process)
             gateway_args = ["--model", self.verifier, "--scheduler", scheduler.address]
-            if self.http_port is not None:
-                gateway_args += ["--http-port", str(self.http_port)]
-            if self.api_keys_file:
-                gateway_args += ["--api-keys-file", self.api_keys_file]
             gateway = self._spawn("gateway", self.port, gateway_args)
             wait_serving(gateway.address, self.start_timeout_s, gateway.process)
         except BaseException:
