@@ -3,10 +3,21 @@
 Every draft token comes with its confidence (by default the draft probability of the drafted
 token) and the exact sparse distribution q it was drawn from, which is what makes verification
 lossless. No gRPC here.
+
+Each session keeps its *path*: the tokens it knows in order (committed tokens as of the last
+sync, then the tokens it drafted), of which a prefix has its K/V in the session's KV slot.
+A sync states what is committed; the drafter keeps the longest prefix of its path that agrees
+(drafts the verifier accepted, and a drafted token equal to the verifier's correction or bonus
+token, are not recomputed) and drops the rest. `draft_ahead` extends paths while the scheduler
+is verifying (PEARL-style overlap of draft and verify); a later sync that confirms the path
+gets those tokens without a forward. Draft randomness is keyed by absolute position, so a token
+drafted ahead is exactly the token that would be drafted on demand: draft-ahead changes cost,
+never output.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -15,6 +26,7 @@ from specmesh.distributions import draft_distribution, make_generator
 from specmesh.errors import InvalidRequestError
 from specmesh.model_runner import ForwardRequest, ModelRunner
 from specmesh.records import DraftChunk, DraftRequest, SparseDistribution
+from specmesh.sampling_params import SamplingParams
 from specmesh.session_slots import SessionSlots
 
 RANDOM_STREAM = "draft"
@@ -32,7 +44,11 @@ def draft_uniform(seed: int, position: int) -> torch.Tensor:
 
 
 class Drafter(Protocol):
-    """What the scheduler needs from any drafter (a model, prompt lookup, ...)."""
+    """What the scheduler needs from any drafter (a model, prompt lookup, ...).
+
+    A core may also offer `draft_ahead(session_ids, num_tokens)` and `ahead_tokens(session_id)`
+    (ModelDrafter does); the drafter service drafts ahead only with cores that have them.
+    """
 
     name: str
 
@@ -49,13 +65,42 @@ def validate_request(request: DraftRequest, vocab_size: int) -> None:
         raise InvalidRequestError("session_id must not be empty")
     if request.num_cached_tokens < 0 or request.num_draft_tokens < 0:
         raise InvalidRequestError("num_cached_tokens and num_draft_tokens must be >= 0")
-    if request.num_draft_tokens > 0 and not request.new_tokens:
-        raise InvalidRequestError("new_tokens must hold at least the last committed token")
+    if request.num_draft_tokens > 0 and request.num_cached_tokens + len(request.new_tokens) == 0:
+        raise InvalidRequestError("cannot draft from an empty sequence: new_tokens must hold the history")
     for token in request.new_tokens:
         if not 0 <= token < vocab_size:
             raise InvalidRequestError(f"token id {token} outside the vocabulary [0, {vocab_size})")
     if not request.params.greedy and request.params.seed is None:
         raise InvalidRequestError("sampled drafting needs a seed (the scheduler assigns one)")
+
+
+@dataclass
+class _Path:
+    """What the drafter knows of one session.
+
+    tokens[:cache length of the slot] have their K/V cached; the rest (at least the last token)
+    are fed by the next forward. tokens[drafts_from:] are this drafter's own drafts, each with
+    its (confidence, q) in `drafts`, drawn under `params`.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    drafts_from: int = 0
+    drafts: list[tuple[float, SparseDistribution]] = field(default_factory=list)
+    params: SamplingParams | None = None
+    sent_length: int = 0  # end of the tokens the last draft() returned
+
+    def append_draft(self, token: int, confidence: float, q: SparseDistribution) -> None:
+        self.tokens.append(token)
+        self.drafts.append((confidence, q))
+
+
+def _common_prefix(path: Sequence[int], start: int, tokens: Sequence[int]) -> int:
+    """How many of `tokens` equal path[start:] element by element."""
+    n = 0
+    limit = min(len(tokens), len(path) - start)
+    while n < limit and path[start + n] == tokens[n]:
+        n += 1
+    return n
 
 
 class ModelDrafter:
@@ -67,65 +112,173 @@ class ModelDrafter:
         self.name = name
         self.draft_top_k = draft_top_k
         self.slots = SessionSlots(runner.cache, idle_ttl_s=idle_ttl_s)
+        self._paths: dict[str, _Path] = {}
+        # Counters, for stats and tests: forward passes run, draft tokens answered from a path
+        # without a forward (drafted ahead, or kept from an earlier draft).
+        self.num_forwards = 0
+        self.num_reused_tokens = 0
 
     @property
     def num_sessions(self) -> int:
         return len(self.slots)
 
+    @property
+    def cached_tokens(self) -> int:
+        # Free slots have length 0; reading the list is safe while the worker thread drafts.
+        return sum(self.runner.cache.lengths)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.runner.cache.num_slots * self.runner.max_tokens
+
+    def ahead_tokens(self, session_id: str) -> tuple[int, ...]:
+        """Tokens drafted for the session beyond what the last draft() returned, in order."""
+        path = self._paths.get(session_id)
+        return tuple(path.tokens[path.sent_length:]) if path is not None else ()
+
     def release(self, session_ids: Sequence[str]) -> int:
+        for sid in session_ids:
+            self._paths.pop(sid, None)
         return sum(self.slots.release(sid) for sid in session_ids)
+
+    def _drop_evicted_paths(self) -> None:
+        for sid in [sid for sid in self._paths if sid not in self.slots]:
+            del self._paths[sid]
+
+    def _draft_limit(self, committed_length: int, num_draft_tokens: int) -> int:
+        """Draft tokens that fit the slot after committed_length tokens: a draft at position p
+        needs the K/V of positions [0, p), so positions up to max_tokens can be drafted."""
+        if num_draft_tokens == 0 or committed_length >= self.runner.max_tokens:
+            return 0
+        return min(num_draft_tokens, self.runner.max_tokens - committed_length + 1)
+
+    def _sync(self, request: DraftRequest, pinned: Sequence[str]) -> tuple[int, _Path] | None:
+        """Bring the session to the request's committed sequence; None is a cache miss.
+
+        The path's first num_cached_tokens tokens are trusted (that is the caller's claim);
+        beyond them it is kept as long as it agrees with new_tokens, and its drafts past the
+        committed end are kept when they were drawn under the same sampling parameters.
+        """
+        sid = request.session_id
+        known = sid in self.slots and sid in self._paths
+        if not known:
+            self.release([sid])  # a slot without a path (or the reverse) is not trusted
+            if request.num_cached_tokens > 0:
+                self.slots.num_cache_misses += 1
+                return None
+            path, cached = _Path(), 0
+        else:
+            path, cached = self._paths[sid], self.slots.cached_length(sid)
+            if len(path.tokens) < request.num_cached_tokens:
+                self.slots.num_cache_misses += 1
+                return None
+        num_cached, new = request.num_cached_tokens, request.new_tokens
+        committed_length = num_cached + len(new)
+        agreeing = _common_prefix(path.tokens, num_cached, new)
+        if agreeing < len(new):  # the path left the committed sequence: cut it there
+            tokens = path.tokens[: num_cached + agreeing] + list(new[agreeing:])
+            valid = num_cached + agreeing  # positions whose cached K/V is still right
+        else:
+            tokens = path.tokens
+            valid = len(tokens)
+        # Drafts past the committed end survive only if they are ours and drawn the same way.
+        keep_drafts = (agreeing == len(new) and path.params == request.params
+                       and path.drafts_from <= committed_length <= len(tokens))
+        drafts = path.drafts[committed_length - path.drafts_from:] if keep_drafts else []
+        if not keep_drafts:
+            del tokens[committed_length:]
+            valid = min(valid, committed_length)
+        # Keep at least one token unfed: its logits are what the next draft comes from.
+        keep_cached = max(0, min(cached, valid, len(tokens) - 1))
+        slot = self.slots.sync(sid, keep_cached, pinned=pinned)
+        assert slot is not None  # keep_cached <= cached, or a fresh session at 0
+        self._paths[sid] = _Path(tokens=tokens, drafts_from=committed_length, drafts=drafts,
+                                 params=request.params, sent_length=committed_length)
+        return slot, self._paths[sid]
 
     def draft(self, requests: Sequence[DraftRequest]) -> list[DraftChunk]:
         for request in requests:
             validate_request(request, self.runner.vocab_size)
+        if len({r.session_id for r in requests}) != len(requests):
+            raise InvalidRequestError("a draft batch may hold each session only once")
         self.slots.evict_idle()
+        self._drop_evicted_paths()
         batch_ids = [r.session_id for r in requests]
         chunks: dict[int, DraftChunk] = {}
-        active: list[tuple[int, DraftRequest, int]] = []  # (index, request, slot)
+        work: list[tuple[int, _Path, int]] = []  # (slot, path, target length)
+        synced: list[tuple[int, DraftRequest, _Path, int]] = []  # (index, request, path, limit)
         for index, request in enumerate(requests):
-            base_length = request.num_cached_tokens + len(request.new_tokens)
-            slot = self.slots.sync(request.session_id, request.num_cached_tokens, pinned=batch_ids)
-            if slot is None:
-                chunks[index] = DraftChunk(request.session_id, base_length, cache_miss=True)
+            committed_length = request.num_cached_tokens + len(request.new_tokens)
+            held = self._sync(request, batch_ids)
+            if held is None:
+                path = self._paths.get(request.session_id)
+                # What we do hold: the committed prefix of our last sync.
+                holding = min(path.drafts_from, len(path.tokens)) if path is not None else 0
+                chunks[index] = DraftChunk(request.session_id, committed_length, cache_miss=True,
+                                           num_cached_tokens=holding)
                 continue
-            # Never draft past the slot: the verifier's context is what really limits length.
-            room = self.runner.max_tokens - base_length + 1
-            if request.num_draft_tokens == 0 or room <= 1:
-                chunks[index] = DraftChunk(request.session_id, base_length,
-                                           num_cached_tokens=request.num_cached_tokens)
-                continue
-            active.append((index, request, slot))
-        drafted: dict[int, list[tuple[int, float, SparseDistribution]]] = {index: [] for index, _, _ in active}
-        step_inputs = {index: tuple(request.new_tokens) for index, request, _ in active}
-        limits = {
-            index: min(request.num_draft_tokens,
-                       self.runner.max_tokens - (request.num_cached_tokens + len(request.new_tokens)) + 1)
-            for index, request, _ in active
-        }
-        running = list(active)
-        while running:
-            logits = self.runner.forward(
-                [ForwardRequest(slot, step_inputs[index], logits_from=len(step_inputs[index]) - 1)
-                 for index, _, slot in running]
-            )
-            still_running = []
-            for (index, request, slot), row in zip(running, logits):
-                position = request.num_cached_tokens + len(request.new_tokens) + len(drafted[index])
-                uniform = draft_uniform(request.params.seed or 0, position)
-                token, confidence, q = draft_distribution(row[-1], request.params, self.draft_top_k, uniform)
-                drafted[index].append((token, confidence, q))
-                if len(drafted[index]) < limits[index]:
-                    step_inputs[index] = (token,)
-                    still_running.append((index, request, slot))
-            running = still_running
-        for index, request, slot in active:
-            tokens = drafted[index]
+            slot, path = held
+            limit = self._draft_limit(committed_length, request.num_draft_tokens)
+            reused = min(limit, len(path.tokens) - committed_length)
+            self.num_reused_tokens += reused
+            if limit > reused:
+                work.append((slot, path, committed_length + limit))
+            synced.append((index, request, path, limit))
+        self._drop_evicted_paths()  # new sessions may have evicted idle ones
+        self._extend(work)
+        for index, request, path, limit in synced:
+            start = request.num_cached_tokens + len(request.new_tokens)
+            drafts = path.drafts[start - path.drafts_from: start - path.drafts_from + limit]
+            path.sent_length = start + limit
             chunks[index] = DraftChunk(
                 session_id=request.session_id,
-                base_length=request.num_cached_tokens + len(request.new_tokens),
-                tokens=tuple(t for t, _, _ in tokens),
-                confidences=tuple(c for _, c, _ in tokens),
-                distributions=tuple(q for _, _, q in tokens),
-                num_cached_tokens=self.runner.cache.lengths[slot],
+                base_length=start,
+                tokens=tuple(path.tokens[start:start + limit]),
+                confidences=tuple(c for c, _ in drafts),
+                distributions=tuple(q for _, q in drafts),
+                # The committed tokens and every draft sent: a sync may confirm any of them.
+                num_cached_tokens=start + limit,
             )
         return [chunks[i] for i in range(len(requests))]
+
+    def draft_ahead(self, session_ids: Sequence[str], num_tokens: int) -> dict[str, int]:
+        """Extend each session's drafted path by up to num_tokens tokens, in one batch, without
+        a request: what a later draft() of the same sequence would draft, drafted early.
+
+        Unknown sessions and sessions at the slot's end are skipped. Returns tokens added per
+        session. It does not refresh a session's idle time: only the scheduler's syncs do.
+        """
+        self._drop_evicted_paths()
+        work = []
+        started: dict[str, int] = {}  # session -> path length before
+        for sid in dict.fromkeys(session_ids):
+            path = self._paths.get(sid)
+            if path is None or path.params is None or not path.tokens or num_tokens <= 0:
+                continue
+            target = min(len(path.tokens) + num_tokens, self.runner.max_tokens + 1)
+            if target > len(path.tokens):
+                work.append((self.slots.slot_of(sid), path, target))
+                started[sid] = len(path.tokens)
+        self._extend(work)
+        return {sid: len(self._paths[sid].tokens) - length for sid, length in started.items()}
+
+    def _extend(self, work: Sequence[tuple[int, _Path, int]]) -> None:
+        """Draft until every path reaches its target length: one batched forward per step,
+        each session feeding its unfed tokens and drafting from the logits of the last."""
+        cache = self.runner.cache
+        running = [item for item in work if len(item[1].tokens) < item[2]]
+        while running:
+            self.num_forwards += 1
+            logits = self.runner.forward([
+                ForwardRequest(slot, path.tokens[cache.lengths[slot]:],
+                               logits_from=len(path.tokens) - cache.lengths[slot] - 1)
+                for slot, path, _ in running
+            ])
+            for (slot, path, _), row in zip(running, logits):
+                params = path.params
+                assert params is not None
+                position = len(path.tokens)
+                uniform = draft_uniform(params.seed or 0, position)
+                token, confidence, q = draft_distribution(row[-1], params, self.draft_top_k, uniform)
+                path.append_draft(token, confidence, q)
+            running = [item for item in running if len(item[1].tokens) < item[2]]
