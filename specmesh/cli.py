@@ -38,6 +38,7 @@ def _fail(error: Exception) -> None:
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The prompt text."),
+    target: str | None = typer.Option(None, help="host:port of a running gateway; without it, run in-process."),
     verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier model REF (hub id, directory, GGUF, short name)."),
     drafter: str = typer.Option(DEFAULT_DRAFTER,
                                 help="Drafter REF, or 'prompt-lookup', 'layers:N' (verifier's first N layers), 'none'."),
@@ -51,8 +52,11 @@ def generate(
     stats: bool = typer.Option(False, "--stats", help="Print acceptance and speed to stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Generate text for PROMPT in this process (drafter, verifier and scheduler in one)."""
+    """Generate text for PROMPT: through a running gateway (--target) or in this process."""
     _setup_logging(verbose)
+    if target is not None:
+        _generate_remote(target, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stats)
+        return
     from specmesh.detokenize import IncrementalDetokenizer
     from specmesh.engine import Engine, EngineConfig
     from specmesh.sampling_params import SamplingParams
@@ -87,6 +91,32 @@ def generate(
             f"drafter {engine.drafter.name if engine.drafter else 'none'}; finish {session.finish_reason}",
             err=True,
         )
+
+
+def _generate_remote(target: str, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
+                     top_k: int, seed: int | None, stats: bool) -> None:
+    from specmesh.client import SpecmeshClient, SpecmeshClientError
+
+    start = time.perf_counter()
+    request = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+    last = None
+    try:
+        with SpecmeshClient(target) as client:
+            for delta in client.stream(**request, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                       top_k=top_k, seed=seed):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+                last = delta
+    except SpecmeshClientError as error:
+        _fail(error)
+    sys.stdout.write("\n")
+    if stats and last is not None:
+        elapsed = time.perf_counter() - start
+        s = last.speculation
+        generated = last.usage.completion_tokens
+        typer.echo(f"[specmesh] {generated} tokens in {elapsed:.2f} s ({generated / elapsed:.1f} tokens/s); "
+                   f"rounds {s.rounds}, drafted {s.drafted_tokens}, accepted {s.accepted_tokens}; "
+                   f"finish {last.finish_reason}", err=True)
 
 
 SERVICES = ("gateway", "scheduler", "drafter", "verifier")

@@ -87,6 +87,10 @@ class LocalCluster:
     def _spawn(self, name: str, port: int, args: list[str]) -> ServiceProcess:
         command = [sys.executable, "-m", "specmesh.cli", "serve", name, "--host", LOOPBACK, "--port", str(port), *args]
         env = {**os.environ, **self.extra_env}
+        if name != "verifier":
+            # On one machine the verifier's forward pass is the bottleneck: the other services
+            # get one compute thread each so their thread pools do not steal its cores.
+            env.setdefault("OMP_NUM_THREADS", "1")
         stdout = stderr = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,74 @@
+"""The command line as scripts use it: `specmesh generate` (in-process and --target) and `specmesh up`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from specmesh.local_cluster import free_port, wait_serving
+from tests.tiny_models import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+PROMPT = "w5 w9 w12 w5 w9"
+
+
+def specmesh(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "specmesh.cli", *args], capture_output=True, text=True,
+                          env=ENV, cwd=REPO, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("cli") / "model", vocab_size=64, hidden=32, layers=2, seed=3)
+
+
+def test_generate_prints_only_text_and_is_the_same_with_any_drafter(model_dir):
+    plain = specmesh("generate", "--verifier", str(model_dir), "--drafter", "none", "--raw", "--max-tokens", "12",
+                     PROMPT)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.strip(), "no text on stdout"
+    assert "[specmesh]" not in plain.stdout
+    for drafter in ("prompt-lookup", "layers:1", str(model_dir)):
+        other = specmesh("generate", "--verifier", str(model_dir), "--drafter", drafter, "--raw", "--max-tokens",
+                         "12", "--stats", PROMPT)
+        assert other.returncode == 0, other.stderr
+        assert other.stdout == plain.stdout, drafter
+        assert "[specmesh]" in other.stderr
+
+
+def test_generate_reports_bad_input_clearly(model_dir):
+    result = specmesh("generate", "--verifier", str(model_dir), "--top-p", "2", PROMPT)
+    assert result.returncode == 2 and "top_p" in result.stderr and result.stdout == ""
+    result = specmesh("generate", "--verifier", "no-such-model-anywhere", PROMPT)
+    assert result.returncode == 2 and "no-such-model-anywhere" in result.stderr
+
+
+def test_up_serves_generate_target_and_stops_cleanly_on_sigint(model_dir, tmp_path):
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "specmesh.cli", "up", "--verifier", str(model_dir), "--drafter",
+                           str(model_dir), "--port", str(port), "--log-dir", str(tmp_path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+    try:
+        wait_serving(f"127.0.0.1:{port}", 120, up)
+        remote = specmesh("generate", "--target", f"127.0.0.1:{port}", "--raw", "--max-tokens", "12", PROMPT)
+        local = specmesh("generate", "--verifier", str(model_dir), "--drafter", "none", "--raw", "--max-tokens",
+                         "12", PROMPT)
+        assert remote.returncode == 0, remote.stderr
+        assert remote.stdout == local.stdout
+        up.send_signal(signal.SIGINT)
+        stdout, _ = up.communicate(timeout=60)
+        assert up.returncode == 0
+        assert f"127.0.0.1:{port}" in stdout
+        time.sleep(0.5)
+        leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+        assert leftover.stdout.strip() == "", "service processes outlived specmesh up"
+    finally:
+        if up.poll() is None:
+            up.kill()
