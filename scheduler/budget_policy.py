@@ -1,0 +1,345 @@
+"""Confidence-scheduled, load-aware draft and verify budgets (DSpark Algorithm 1, made lossless).
+
+For the sessions batched to one verifier in a round, choose verify lengths l_r maximising
+expected committed tokens per second:
+
+    tau = sum_r (1 + sum_{j<=l_r} a_{r,j})      B = sum_r (prefill_r + l_r)
+    objective = tau * SPS(B) = tau / round_seconds(B)
+
+Greedy: candidates (r, j) ranked by estimated survival, added while the objective improves;
+the first candidate that does not improve it ends the round's selection (the early stop).
+
+Losslessness (DESIGN.md "Exactness", DSpark appendix A): whether draft j of session r is
+verified may depend on the drafts before it but never on draft j itself. So the survival used
+to rank and admit (r, j) is
+
+    a'_{r,j} = prod_{i<j} c^(r, i) * c^_pos(j)
+
+the calibrated confidences of the earlier drafts times the position's acceptance marginalised
+over confidence (learned from earlier rounds), made non-increasing in j. Every candidate
+ranked before (r, j) is then either another session's or (r, i<j), so the whole path to the
+decision about (r, j) never reads conf_{r,j}; inclusion is prefix-closed by construction. The
+price: the first draft of a round is judged by its position alone.
+
+Before drafting, `draft_lengths` runs the same optimisation with position-wise acceptance only
+(nothing drafted yet, so any rule is allowed: it takes the global optimum over a common
+length) and adds the measured cost of drafting, which is on the round's critical path. Light
+load or a flat cost curve gives long drafts; heavy load or a steep curve gives short ones,
+down to 0 (plain decoding), so speculation does not make the system slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from scheduler.calibration import CalibrationConfig, CalibrationTable, observations_from, survival_curve
+from scheduler.calibration_store import CalibrationStore
+from scheduler.cost_model import CostProfile, CostProfileSource, StaticCostProfiles
+from scheduler.draft_policy import RoundOutcome
+from scheduler.round_timing import Ewma, LinearFit
+from scheduler.session import Session
+from specmesh.records import DraftChunk
+
+log = logging.getLogger(__name__)
+
+# Assumed forward time when neither a profile nor measurements exist: only ratios matter, and a
+# flat curve (drafts look cheap) lets the first rounds measure what they really cost.
+_UNKNOWN_FORWARD_SECONDS = 0.05
+
+
+def model_pair_id(verifier_model: str, drafter_model: str) -> str:
+    """The calibration key of a verifier/drafter pair (acceptance depends on both)."""
+    return f"{verifier_model}->{drafter_model}"
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    max_draft_ahead_chunks: int = 2
+    # A chunk drafted ahead is useful only if the whole previous chunk and the bonus token
+    # survive; recommend drafting ahead only while that is at least this likely.
+    draft_ahead_min_probability: float = 0.5
+    measure_timing: bool = True  # learn draft cost and RPC overhead from the rounds themselves
+    timing_half_life_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The last decision, for telemetry (round span attributes)."""
+
+    lengths: dict[str, int]
+    expected_tokens: float  # tau under the admission estimates
+    batch_tokens: int  # B
+    round_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.expected_tokens / self.round_seconds if self.round_seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------- pure math
+
+
+def admission_survivals(confidences: Sequence[float], num_drafts: int, table: CalibrationTable,
+                        position_acceptances: Sequence[float]) -> list[float]:
+    """a'_j for drafts j = 0..num_drafts-1: the survival estimate that decides whether draft j
+    is verified. Reads confidences[:j] only (never draft j's own), non-increasing in j."""
+    out: list[float] = []
+    prefix = 1.0  # prod_{i<j} c^(i, conf_i)
+    previous = 1.0
+    for j in range(num_drafts):
+        value = min(previous, prefix * position_acceptances[j])
+        out.append(value)
+        previous = value
+        # Only now may draft j's confidence enter: it feeds the estimates of drafts after j.
+        prefix *= table.acceptance(j, confidences[j]) if j < len(confidences) else position_acceptances[j]
+    return out
+
+
+def batch_objective(survivals: Sequence[Sequence[float]], lengths: Sequence[int], base_tokens: int,
+                    round_seconds: Callable[[int], float]) -> float:
+    """tau * SPS(B) (expected committed tokens per second) of given verify lengths."""
+    tau = sum(1.0 + sum(s[:length]) for s, length in zip(survivals, lengths))
+    return tau / round_seconds(base_tokens + sum(lengths))
+
+
+def choose_verify_lengths(survivals: Sequence[Sequence[float]], base_tokens: int,
+                          round_seconds: Callable[[int], float]) -> tuple[list[int], float]:
+    """Greedy with early stop over candidates ranked by survival (ties: earlier position,
+    then earlier session). survivals[r] must be non-increasing. Returns (lengths, objective).
+
+    The decision about candidate (r, j) depends only on candidates ranked before it, which is
+    what makes it lossless given `admission_survivals`. Taking the top k candidates maximises
+    tau for every B; with a convex non-decreasing cost curve the gain of one more candidate
+    only shrinks along the ranking, so the early stop is the best prefix overall (and beats
+    every fixed length). On a non-convex measured curve it may stop at a local optimum: looking
+    past it would let later drafts' estimates, i.e. earlier drafts' own confidences, decide.
+    """
+    lengths = [0] * len(survivals)
+    tau = float(len(survivals))
+    batch_tokens = base_tokens
+    best = tau / round_seconds(batch_tokens)
+    candidates = sorted((-a, j, r) for r, curve in enumerate(survivals) for j, a in enumerate(curve))
+    for negative_survival, j, r in candidates:
+        value = (tau - negative_survival) / round_seconds(batch_tokens + 1)
+        if not value > best:
+            break  # the early stop: nothing ranked later is admitted
+        tau -= negative_survival
+        batch_tokens += 1
+        best = value
+        lengths[r] = j + 1
+    return lengths, best
+
+
+def choose_draft_length(caps: Sequence[int], survival: Sequence[float], base_tokens: int,
+                        round_seconds: Callable[[int, int], float]) -> tuple[int, float]:
+    """The common draft length k (each session drafts min(k, cap_r)) maximising expected
+    tokens per second; round_seconds(B, k) includes drafting k steps. Returns (k, objective)."""
+    num_sessions = len(caps)
+    best_k, best = 0, num_sessions / round_seconds(base_tokens, 0)
+    cumulative = [0.0]
+    for value in survival:
+        cumulative.append(cumulative[-1] + value)
+    for k in range(1, max(caps, default=0) + 1):
+        lengths = [min(k, cap) for cap in caps]
+        tau = num_sessions + sum(cumulative[length] for length in lengths)
+        value = tau / round_seconds(base_tokens + sum(lengths), max(lengths))
+        if value > best:
+            best_k, best = k, value
+    return best_k, best
+
+
+# ---------------------------------------------------------------------------- the policy
+
+
+class AdaptiveBudgetPolicy:
+    """DraftLengthPolicy that sizes drafts and verification from calibration and load.
+
+    calibration: shared calibration store (in-memory or Redis).
+    cost_profiles: where the verifier's cost curve comes from (a registry keyed by endpoint,
+        a fixed CostProfile, or None to learn it from measured rounds).
+    model_pair: calibration key (see `model_pair_id`).
+    verifier: the endpoint whose batches this instance plans; use `for_verifier` to get one
+        instance per speculation loop (they share calibration, keep their own timing).
+    """
+
+    def __init__(self, calibration: CalibrationStore, cost_profiles: CostProfileSource | CostProfile | None,
+                 model_pair: str, max_draft_tokens: int = 8, *, verifier: str | None = None,
+                 config: BudgetConfig | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        if max_draft_tokens < 0:
+            raise ValueError(f"max_draft_tokens must be >= 0, got {max_draft_tokens}")
+        if cost_profiles is None or isinstance(cost_profiles, CostProfile):
+            cost_profiles = StaticCostProfiles(cost_profiles)
+        self.calibration = calibration
+        self.cost_profiles = cost_profiles
+        self.model_pair = model_pair
+        self.max_draft_tokens = max_draft_tokens
+        self.verifier = verifier
+        self.config = config or BudgetConfig()
+        self.clock = clock
+        half_life = self.config.timing_half_life_s
+        self.draft_cost = LinearFit(half_life)  # seconds of drafting vs draft steps
+        self.verify_cost = LinearFit(half_life)  # seconds of a verify round vs B (no profile)
+        self.verify_overhead = Ewma(half_life)  # round seconds beyond the profile's forward time
+        self.last_plan: BatchPlan | None = None
+        # Timing marks of rounds in progress, keyed by the round's session ids.
+        self._draft_marks: dict[frozenset[str], tuple[float, int]] = {}
+        self._verify_marks: dict[frozenset[str], tuple[float, int]] = {}
+        self._warned = False
+
+    def for_verifier(self, verifier: str) -> "AdaptiveBudgetPolicy":
+        """A policy for one verifier's loop: same calibration and profiles, own cost curve."""
+        return AdaptiveBudgetPolicy(self.calibration, self.cost_profiles, self.model_pair, self.max_draft_tokens,
+                                    verifier=verifier, config=self.config, clock=self.clock)
+
+    # ---- costs -------------------------------------------------------------------------------
+    def verify_seconds_fn(self) -> Callable[[int], float]:
+        """Seconds of one verify round as a function of B (profile + measured overhead), with
+        the profile and measurements looked up once (the greedy calls it per candidate)."""
+        profile = self.cost_profiles.profile(self.verifier)
+        if profile is not None:
+            overhead = max(self.verify_overhead.mean(), 0.0)
+            return lambda batch_tokens: profile.forward_seconds(batch_tokens) + overhead
+        coefficients = self.verify_cost.coefficients(self.clock())
+        if coefficients is None or coefficients[0] + coefficients[1] <= 0:
+            return lambda batch_tokens: _UNKNOWN_FORWARD_SECONDS
+        intercept, slope = coefficients
+        return lambda batch_tokens: max(intercept + slope * batch_tokens, 1e-6)
+
+    def draft_seconds_fn(self) -> Callable[[int], float]:
+        """Seconds of drafting `steps` tokens on the round's critical path (measured)."""
+        coefficients = self.draft_cost.coefficients(self.clock()) if self.config.measure_timing else None
+        if coefficients is None:
+            return lambda steps: 0.0
+        intercept, slope = coefficients
+        return lambda steps: intercept + slope * steps if steps > 0 else 0.0
+
+    # ---- DraftLengthPolicy -------------------------------------------------------------------
+    def draft_lengths(self, sessions: Sequence[Session], context_limit: int) -> dict[str, int]:
+        caps = [min(s.draft_limit(context_limit), self.max_draft_tokens) for s in sessions]
+        try:
+            lengths = self._plan_drafts(sessions, caps)
+        except Exception:  # noqa: BLE001 - a policy bug must not fail the round
+            self._warn_once("draft_lengths")
+            lengths = {s.session_id: cap for s, cap in zip(sessions, caps)}
+        if self.config.measure_timing:
+            self._draft_marks[self._round_key(sessions)] = (self.clock(), max(lengths.values(), default=0))
+            self._trim(self._draft_marks)
+        return lengths
+
+    def verify_lengths(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
+                       draft_lengths: dict[str, int]) -> dict[str, int]:
+        key = self._round_key(sessions)
+        mark = self._draft_marks.pop(key, None)
+        if mark is not None and mark[1] > 0 and chunks:  # no chunks at all: the drafter failed
+            self.draft_cost.add(mark[1], self.clock() - mark[0], self.clock())
+        available = []
+        for s in sessions:
+            chunk = chunks.get(s.session_id)
+            usable = 0 if chunk is None or chunk.cache_miss else len(chunk.tokens)
+            available.append(min(usable, draft_lengths.get(s.session_id, 0), s.draft_limit(1 << 62)))
+        try:
+            lengths = self._plan_verification(sessions, chunks, available)
+        except Exception:  # noqa: BLE001 - fall back to a rule that ignores the drafted tokens
+            self._warn_once("verify_lengths")
+            lengths = {s.session_id: n for s, n in zip(sessions, available)}
+        if self.config.measure_timing:
+            self._verify_marks[key] = (self.clock(), self._base_tokens(sessions) + sum(lengths.values()))
+            self._trim(self._verify_marks)
+        return lengths
+
+    async def observe(self, outcomes: Sequence[RoundOutcome]) -> None:
+        now = self.clock()
+        mark = self._verify_marks.pop(frozenset(o.item.session_id for o in outcomes), None)
+        if mark is not None:
+            seconds, batch_tokens = now - mark[0], mark[1]
+            profile = self.cost_profiles.profile(self.verifier)
+            if profile is not None:
+                self.verify_overhead.add(max(seconds - profile.forward_seconds(batch_tokens), 0.0), now)
+            else:
+                self.verify_cost.add(batch_tokens, seconds, now)
+        try:
+            observations = observations_from(outcomes, self.calibration_config)
+            await self.calibration.record(self.model_pair, observations)
+        except Exception:  # noqa: BLE001 - statistics must never fail a round
+            self._warn_once("observe")
+
+    # ---- draft ahead -------------------------------------------------------------------------
+    def draft_ahead_chunks(self, sessions: Sequence[Session], draft_lengths: dict[str, int]) -> dict[str, int]:
+        """How many further chunks each session's drafter should draft while this round is
+        verified: worth it only while the chunk being verified (and the bonus token after it)
+        will likely all be accepted, since a chunk drafted ahead continues from there."""
+        table = self.calibration.table(self.model_pair)
+        longest = max(draft_lengths.values(), default=0)
+        survival = survival_curve(table.position_acceptances(longest + 1))
+        out = {}
+        for s in sessions:
+            length = draft_lengths.get(s.session_id, 0)
+            if length <= 0:
+                out[s.session_id] = 0
+                continue
+            p_chunk = survival[length]  # drafts 0..length-1 accepted and the bonus token matches
+            ahead = 0
+            while (ahead < self.config.max_draft_ahead_chunks
+                   and p_chunk ** (ahead + 1) >= self.config.draft_ahead_min_probability):
+                ahead += 1
+            out[s.session_id] = ahead
+        return out
+
+    # ---- internals ---------------------------------------------------------------------------
+    @property
+    def calibration_config(self) -> CalibrationConfig:
+        return self.calibration.config
+
+    def _plan_drafts(self, sessions: Sequence[Session], caps: list[int]) -> dict[str, int]:
+        longest = max(caps, default=0)
+        if longest == 0:
+            return {s.session_id: 0 for s in sessions}
+        table = self.calibration.table(self.model_pair)
+        survival = survival_curve(table.position_acceptances(longest))
+        verify_seconds, draft_seconds = self.verify_seconds_fn(), self.draft_seconds_fn()
+        k, _ = choose_draft_length(caps, survival, self._base_tokens(sessions),
+                                   lambda b, steps: verify_seconds(b) + draft_seconds(steps))
+        return {s.session_id: min(k, cap) for s, cap in zip(sessions, caps)}
+
+    def _plan_verification(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
+                           available: list[int]) -> dict[str, int]:
+        base_tokens = self._base_tokens(sessions)
+        seconds = self.verify_seconds_fn()
+        if not any(available):
+            self.last_plan = BatchPlan({s.session_id: 0 for s in sessions}, float(len(sessions)), base_tokens,
+                                       seconds(base_tokens))
+            return dict(self.last_plan.lengths)
+        table = self.calibration.table(self.model_pair)
+        positions = table.position_acceptances(max(available))
+        survivals = []
+        for s, n in zip(sessions, available):
+            chunk = chunks.get(s.session_id)
+            confidences = chunk.confidences if chunk is not None else ()
+            survivals.append(admission_survivals(confidences, n, table, positions))
+        chosen, objective = choose_verify_lengths(survivals, base_tokens, seconds)
+        lengths = {s.session_id: n for s, n in zip(sessions, chosen)}
+        tau = len(sessions) + sum(sum(curve[:n]) for curve, n in zip(survivals, chosen))
+        self.last_plan = BatchPlan(lengths, tau, base_tokens + sum(chosen), tau / objective if objective else 0.0)
+        return dict(lengths)
+
+    @staticmethod
+    def _base_tokens(sessions: Sequence[Session]) -> int:
+        """Committed tokens the verifier still has to process (1 per session unless re-prefilling)."""
+        return sum(max(1, len(s.tokens) - s.verifier_cached) for s in sessions)
+
+    @staticmethod
+    def _round_key(sessions: Sequence[Session]) -> frozenset[str]:
+        return frozenset(s.session_id for s in sessions)
+
+    @staticmethod
+    def _trim(marks: dict) -> None:
+        while len(marks) > 64:  # rounds that never completed (errors): forget the oldest
+            marks.pop(next(iter(marks)))
+
+    def _warn_once(self, where: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.exception("adaptive budget policy failed in %s; using a fallback rule", where)

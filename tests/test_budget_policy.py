@@ -1,0 +1,466 @@
+"""The load-aware budget policy and the verifier cost model, in pure tests (plus cost profiles
+shared through a real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scheduler.budget_policy import (
+    AdaptiveBudgetPolicy,
+    BudgetConfig,
+    admission_survivals,
+    batch_objective,
+    choose_verify_lengths,
+)
+from scheduler.calibration import CalibrationConfig, CalibrationTable, Observation
+from scheduler.calibration_store import InMemoryCalibrationStore
+from scheduler.cost_model import CostProfile, CostProfileRegistry
+from scheduler.draft_policy import RoundOutcome
+from scheduler.session import Session
+from specmesh.records import DraftChunk, VerifyResult
+from specmesh.sampling_params import SamplingParams
+from tests.redis_server import redis_process, redis_server  # noqa: F401
+
+PAIR = "verifier->drafter"
+CONTEXT = 4096
+
+
+def make_sessions(n: int, **kwargs) -> list[Session]:
+    sessions = []
+    for i in range(n):
+        s = Session(f"s{i}", [1, 2, 3, 4], SamplingParams(temperature=1.0, seed=i), max_tokens=200, **kwargs)
+        s.verifier_cached = len(s.tokens) - 1  # steady state: one new committed token each
+        sessions.append(s)
+    return sessions
+
+
+def make_chunks(sessions: list[Session], confidences: list[list[float]] | list[float]) -> dict[str, DraftChunk]:
+    chunks = {}
+    for i, s in enumerate(sessions):
+        conf = confidences[i] if isinstance(confidences[0], list) else confidences
+        chunks[s.session_id] = DraftChunk(s.session_id, len(s.tokens), tokens=tuple(range(10, 10 + len(conf))),
+                                          confidences=tuple(conf))
+    return chunks
+
+
+def warmed_store(acceptance_by_bucket: dict[int, float] | None = None, positions: int = 16,
+                 volume: float = 1000.0) -> InMemoryCalibrationStore:
+    """A store that has seen `volume` drafts per cell, accepted at the given rate per bucket
+    (default: calibrated, i.e. acceptance = bucket centre)."""
+    store = InMemoryCalibrationStore(CalibrationConfig(half_life_s=1e9))
+    config = store.config
+    rates = acceptance_by_bucket or {b: (b + 0.5) / config.num_buckets for b in range(config.num_buckets)}
+    store.table(PAIR).add([Observation(p, b, volume, volume * rate) for p in range(positions)
+                           for b, rate in rates.items()], now=store.clock())
+    return store
+
+
+def policy(store=None, profile: CostProfile | None = None, max_draft: int = 8, **config) -> AdaptiveBudgetPolicy:
+    return AdaptiveBudgetPolicy(store or warmed_store(), profile, PAIR, max_draft,
+                                config=BudgetConfig(measure_timing=False, **config))
+
+
+FLAT = CostProfile.flat(0.030)  # launch-bound verifier: B tokens cost the same up to 1024
+STEEP = CostProfile.linear(0.001, 0.010)  # compute-bound: every token costs 10x the fixed part
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def test_cost_profile_is_made_monotone_and_interpolates():
+    profile = CostProfile.from_table([(1, 0.030), (2, 0.036), (4, 0.034), (8, 0.035), (16, 0.050), (2, 0.034)])
+    seconds = [s for _, s in profile.points]
+    assert seconds == sorted(seconds)  # the dip at 4 was pooled with its neighbours
+    assert profile.forward_seconds(1) == pytest.approx(0.030)
+    assert profile.forward_seconds(0) == pytest.approx(0.030)  # flat below the table
+    assert profile.forward_seconds(12) == pytest.approx((profile.forward_seconds(8) + 0.050) / 2)
+    # Beyond the table: extrapolated, never flatter than the average slope.
+    assert profile.forward_seconds(32) > 0.050
+    assert profile.steps_per_second(16) == pytest.approx(1 / 0.050)
+    assert CostProfile.from_json(profile.to_json()) == profile
+    single = CostProfile.from_table([(10, 0.1)])
+    assert single.forward_seconds(20) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        CostProfile.from_table([])
+    with pytest.raises(ValueError):
+        CostProfile.from_table([(4, -1.0)])
+
+
+# --------------------------------------------------------------------------- the policy's choices
+
+
+def test_flat_cost_curve_verifies_long_drafts():
+    sessions = make_sessions(4)
+    p = policy(profile=FLAT)
+    drafts = p.draft_lengths(sessions, CONTEXT)
+    assert drafts == {s.session_id: 8 for s in sessions}
+    lengths = p.verify_lengths(sessions, make_chunks(sessions, [0.9] * 8), drafts)
+    assert lengths == {s.session_id: 8 for s in sessions}
+
+
+def test_steep_cost_curve_verifies_short_drafts():
+    sessions = make_sessions(4)
+    p = policy(profile=STEEP)
+    drafts = p.draft_lengths(sessions, CONTEXT)
+    assert all(0 <= n <= 2 for n in drafts.values())
+    lengths = p.verify_lengths(sessions, make_chunks(sessions, [0.9] * 8), {s.session_id: 8 for s in sessions})
+    assert all(0 <= n <= 2 for n in lengths.values())
+
+
+def test_load_shrinks_drafts_towards_plain_decoding():
+    # Memory-bound up to 32 tokens, then every token costs as much as the base step.
+    knee = CostProfile.from_table([(1, 0.030), (32, 0.031), (64, 0.062), (512, 0.496)])
+    p = policy(profile=knee)
+    light = p.draft_lengths(make_sessions(1), CONTEXT)
+    heavy = p.draft_lengths(make_sessions(200), CONTEXT)
+    assert list(light.values()) == [8]
+    assert set(heavy.values()) == {0}  # speculation off under saturation
+
+
+def test_zero_confidence_drafts_verify_none():
+    sessions = make_sessions(3)
+    zero = make_chunks(sessions, [0.0] * 6)
+    # Cold calibration: the first draft is judged by its position alone (never by its own
+    # confidence), so at most it is verified; nothing after a zero-confidence draft is.
+    cold = policy(InMemoryCalibrationStore(), profile=FLAT)
+    assert all(n <= 1 for n in cold.verify_lengths(sessions, zero, {s.session_id: 6 for s in sessions}).values())
+    # Once rounds have shown that such drafts are rejected, none is verified or even drafted.
+    learned = InMemoryCalibrationStore()
+    learned.table(PAIR).add([Observation(p, 0, 50, 0) for p in range(16)], now=learned.clock())
+    p = policy(learned, profile=STEEP)
+    assert set(p.verify_lengths(sessions, zero, {s.session_id: 6 for s in sessions}).values()) == {0}
+    assert set(p.draft_lengths(sessions, CONTEXT).values()) == {0}
+
+
+def test_low_confidence_prefix_stops_verification_early():
+    sessions = make_sessions(2)
+    p = policy(profile=CostProfile.linear(0.030, 0.002))
+    chunks = make_chunks(sessions, [[0.95, 0.95, 0.95, 0.95, 0.95, 0.95], [0.95, 0.05, 0.95, 0.95, 0.95, 0.95]])
+    lengths = p.verify_lengths(sessions, chunks, {s.session_id: 6 for s in sessions})
+    assert lengths["s0"] >= 4
+    assert lengths["s1"] <= 2  # draft 1 is verified or not by position; draft 2 follows a 0.05
+
+
+def test_per_request_limits_are_honoured():
+    sessions = make_sessions(3)
+    sessions[0].disable_speculation = True
+    sessions[1].max_draft_tokens = 2
+    sessions[2].max_tokens = len(sessions[2].tokens) - len(sessions[2].prompt_tokens) + 3  # 3 left
+    p = policy(profile=FLAT)
+    drafts = p.draft_lengths(sessions, CONTEXT)
+    assert drafts == {"s0": 0, "s1": 2, "s2": 2}
+    chunks = make_chunks(sessions, [0.9] * 8)
+    assert p.verify_lengths(sessions, chunks, {s.session_id: 8 for s in sessions}) == drafts
+    assert policy(profile=FLAT).draft_lengths(make_sessions(1), context_limit=7) == {"s0": 3}
+
+
+def test_missing_or_short_chunks_cap_verification():
+    sessions = make_sessions(3)
+    chunks = make_chunks(sessions[:1], [0.9] * 2)
+    chunks["s1"] = DraftChunk("s1", 4, cache_miss=True)
+    lengths = policy(profile=FLAT).verify_lengths(sessions, chunks, {s.session_id: 8 for s in sessions})
+    assert lengths == {"s0": 2, "s1": 0, "s2": 0}
+
+
+def test_draft_ahead_follows_chunk_survival():
+    sessions = make_sessions(1)
+    confident = policy(warmed_store({b: 0.98 for b in range(10)}), profile=FLAT)
+    assert confident.draft_ahead_chunks(sessions, {"s0": 4})["s0"] >= 1
+    doubtful = policy(warmed_store({b: 0.4 for b in range(10)}), profile=FLAT)
+    assert doubtful.draft_ahead_chunks(sessions, {"s0": 4}) == {"s0": 0}
+    assert confident.draft_ahead_chunks(sessions, {"s0": 0}) == {"s0": 0}
+
+
+async def test_observe_feeds_calibration_and_changes_decisions():
+    store = InMemoryCalibrationStore()
+    p = AdaptiveBudgetPolicy(store, STEEP, PAIR, 8, config=BudgetConfig(measure_timing=False))
+    sessions = make_sessions(1)
+    before = p.draft_lengths(sessions, CONTEXT)["s0"]
+    chunk = make_chunks(sessions, [0.99] * 8)["s0"]
+    for _ in range(30):  # every draft accepted
+        item = sessions[0].verify_item(chunk, 8)
+        await p.observe([RoundOutcome(chunk, item, VerifyResult("s0", accepted_count=8, next_token=1))])
+    assert store.table(PAIR).position_acceptance(3) > 0.9
+    assert p.draft_lengths(sessions, CONTEXT)["s0"] > before
+
+
+async def test_measured_drafting_cost_turns_speculation_off_when_it_does_not_pay():
+    """Drafting on the critical path at c ~ 0.21 of a verifier step plus an RPC, and 15%
+    acceptance: even one draft token loses (1.15 tokens per 1.27 steps), so once the policy has
+    measured drafting it stops."""
+    now = [0.0]
+    store = warmed_store({b: 0.15 for b in range(10)})
+    p = AdaptiveBudgetPolicy(store, CostProfile.flat(0.085), PAIR, 8, clock=lambda: now[0])
+    sessions = make_sessions(1)
+    assert p.draft_lengths(sessions, CONTEXT)["s0"] > 0  # nothing measured yet
+    for _ in range(20):
+        lengths = p.draft_lengths(sessions, CONTEXT)
+        k = lengths["s0"]
+        now[0] += 0.005 + 0.018 * k  # one RPC plus one drafter step per token (c ~ 0.21)
+        chunks = make_chunks(sessions, [0.15] * k) if k else {}
+        verify = p.verify_lengths(sessions, chunks, lengths)
+        now[0] += 0.085
+        chunk = chunks.get("s0")
+        item = sessions[0].verify_item(chunk, verify["s0"])
+        await p.observe([RoundOutcome(chunk, item, VerifyResult("s0", accepted_count=0, next_token=1))])
+    assert p.draft_lengths(sessions, CONTEXT)["s0"] == 0
+    # The same acceptance with free drafting (drafted ahead, off the critical path) pays.
+    assert policy(store, profile=CostProfile.flat(0.085)).draft_lengths(sessions, CONTEXT)["s0"] > 0
+
+
+def test_policy_per_verifier_reads_its_own_cost_curve():
+    registry = CostProfileRegistry()
+    registry.set_local("10.0.0.1:7000", FLAT)
+    registry.set_local("10.0.0.2:7000", STEEP)
+    base = AdaptiveBudgetPolicy(warmed_store(), registry, PAIR, 8, config=BudgetConfig(measure_timing=False))
+    sessions = make_sessions(4)
+    fast = base.for_verifier("10.0.0.1:7000").draft_lengths(sessions, CONTEXT)
+    slow = base.for_verifier("10.0.0.2:7000").draft_lengths(sessions, CONTEXT)
+    assert min(fast.values()) > max(slow.values())
+    # Unbound with two verifiers known: no curve to pick; measured or flat fallback, no error.
+    assert len(base.draft_lengths(sessions, CONTEXT)) == 4
+
+
+# --------------------------------------------------------------------------- properties
+
+confidence = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+
+
+@st.composite
+def batches(draw):
+    """Sessions' confidences, a calibration table, and a convex non-decreasing cost curve."""
+    num_sessions = draw(st.integers(1, 6))
+    confidences = [draw(st.lists(confidence, min_size=0, max_size=8)) for _ in range(num_sessions)]
+    config = CalibrationConfig(num_buckets=4, max_positions=8)
+    table = CalibrationTable(config)
+    cells = draw(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 3), st.integers(1, 50), confidence),
+                          max_size=12))
+    table.add([Observation(p, b, n, round(n * rate)) for p, b, n, rate in cells], now=0.0)
+    base = draw(st.floats(0.001, 1.0))
+    slope = draw(st.floats(0.0, 0.5))
+    knee = draw(st.integers(1, 40))
+    extra = draw(st.floats(0.0, 0.5))
+    return confidences, table, (lambda b: base + slope * b + extra * max(0, b - knee))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches())
+def test_choice_beats_every_fixed_length(case):
+    confidences, table, seconds = case
+    positions = table.position_acceptances(8)
+    survivals = [admission_survivals(c, len(c), table, positions) for c in confidences]
+    base_tokens = len(confidences)
+    lengths, objective = choose_verify_lengths(survivals, base_tokens, seconds)
+    assert objective == pytest.approx(batch_objective(survivals, lengths, base_tokens, seconds))
+    for fixed in range(9):
+        fixed_lengths = [min(fixed, len(c)) for c in confidences]
+        assert objective >= batch_objective(survivals, fixed_lengths, base_tokens, seconds) * (1 - 1e-9)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.integers(1, 5), st.sampled_from(["flat", "steep", "knee", "bumpy"]))
+def test_admission_of_a_draft_never_depends_on_its_own_confidence(data, num_sessions, curve):
+    """Change conf_{r,j} (and anything after it in that chunk): whether draft j of session r
+    is verified must not change. Any cost curve, any calibration, any batch."""
+    profiles = {
+        "flat": FLAT, "steep": STEEP,
+        "knee": CostProfile.from_table([(1, 0.03), (8, 0.031), (16, 0.06), (64, 0.25)]),
+        "bumpy": CostProfile.from_table([(1, 0.02), (2, 0.035), (9, 0.036), (10, 0.07), (40, 0.08)]),
+    }
+    rates = data.draw(st.lists(confidence, min_size=10, max_size=10))
+    p = policy(warmed_store(dict(enumerate(rates)), volume=data.draw(st.sampled_from([1.0, 20.0]))),
+               profile=profiles[curve])
+    sessions = make_sessions(num_sessions)
+    confidences = [data.draw(st.lists(confidence, min_size=0, max_size=8)) for _ in sessions]
+    chunks = {}
+    for s, c in zip(sessions, confidences):
+        chunks[s.session_id] = DraftChunk(s.session_id, 4, tuple(range(len(c))), tuple(c))
+    drafts = {s.session_id: len(c) for s, c in zip(sessions, confidences)}
+    before = p.verify_lengths(sessions, chunks, drafts)
+    r = data.draw(st.integers(0, num_sessions - 1))
+    if not confidences[r]:
+        return
+    j = data.draw(st.integers(0, len(confidences[r]) - 1))
+    changed = list(confidences[r][:j]) + data.draw(st.lists(confidence, min_size=len(confidences[r]) - j,
+                                                            max_size=len(confidences[r]) - j))
+    sid = sessions[r].session_id
+    chunks[sid] = DraftChunk(sid, 4, tuple(range(len(changed))), tuple(changed))
+    after = p.verify_lengths(sessions, chunks, drafts)
+    assert (before[sid] > j) == (after[sid] > j)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(confidence, min_size=1, max_size=10), st.integers(0, 9), confidence)
+def test_admission_survival_of_draft_j_ignores_confidence_j(confidences, j, replacement):
+    j = min(j, len(confidences) - 1)
+    table = warmed_store().table(PAIR)
+    positions = table.position_acceptances(len(confidences))
+    before = admission_survivals(confidences, len(confidences), table, positions)
+    changed = list(confidences)
+    changed[j] = replacement
+    after = admission_survivals(changed, len(changed), table, positions)
+    assert before[: j + 1] == after[: j + 1]
+    assert all(x >= y for x, y in zip(before, before[1:]))  # non-increasing: prefix-closed ranking
+
+
+# --------------------------------------------------------------------------- shared cost profiles
+
+
+async def test_cost_profiles_are_shared_with_a_ttl(redis_server):
+    publisher = CostProfileRegistry(redis_server, ttl_s=0.5, refresh_interval_s=0.05)
+    reader = CostProfileRegistry(redis_server, ttl_s=0.5, refresh_interval_s=0.05)
+    try:
+        assert await publisher.publish("10.1.2.3:50052", STEEP)
+        assert await reader.refresh()
+        assert reader.profile("10.1.2.3:50052") == STEEP
+        assert reader.profiles() == {"10.1.2.3:50052": STEEP}
+        # Nobody re-publishes it: it expires with its TTL.
+        await asyncio.sleep(0.7)
+        assert await reader.refresh()
+        assert reader.profile("10.1.2.3:50052") is None
+        # set_local publishes in the background and keeps it alive while it is used.
+        publisher.set_local("10.1.2.4:50052", FLAT)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            publisher.profile("10.1.2.4:50052")  # use keeps it published
+            reader.profile("10.1.2.4:50052")  # use keeps the reader refreshing
+            if reader.profile("10.1.2.4:50052") == FLAT and time.monotonic() > deadline - 2.0:
+                break
+            await asyncio.sleep(0.05)
+        assert reader.profile("10.1.2.4:50052") == FLAT
+        assert reader.profile(None) == FLAT  # the only one known
+    finally:
+        await publisher.close()
+        await reader.close()
+
+
+async def test_cost_registry_without_redis_serves_local_profiles(redis_process):
+    registry = CostProfileRegistry(redis_process.url, timeout_s=0.05)
+    try:
+        redis_process.kill()
+        started = time.perf_counter()
+        registry.set_local("v:1", FLAT)
+        assert registry.profile("v:1") == FLAT
+        assert not await registry.publish("v:1", FLAT)
+        assert not await registry.refresh()
+        assert time.perf_counter() - started < 0.5
+        assert registry.profile("v:1") == FLAT
+    finally:
+        await registry.close()
+
+
+# --------------------------------------------------------------------------- in the real loop
+
+
+def _next_token(context: list[int]) -> int:
+    """A toy greedy 'verifier model'."""
+    return (sum(context) * 31 + 7 * len(context)) % 50
+
+
+def _drafter_is_right(context: list[int]) -> bool:
+    return (sum(context) * 17 + len(context)) % 10 < 7  # ~70% of positions
+
+
+class _ToyVerifier:
+    def __init__(self) -> None:
+        self.cache: dict[str, list[int]] = {}
+        self.batch_tokens: list[int] = []
+
+    async def verify(self, items):
+        await asyncio.sleep(0.003)
+        self.batch_tokens.append(sum(len(i.new_tokens) + len(i.draft_tokens) for i in items))
+        results = []
+        for item in items:
+            context = self.cache.get(item.session_id, [])[: item.num_cached_tokens] + list(item.new_tokens)
+            accepted = 0
+            for token in item.draft_tokens:
+                if token != _next_token(context + list(item.draft_tokens[:accepted])):
+                    break
+                accepted += 1
+            context += list(item.draft_tokens[:accepted])
+            self.cache[item.session_id] = context
+            results.append(VerifyResult(item.session_id, accepted, _next_token(context), (), len(context)))
+        return results
+
+    async def release(self, session_ids):
+        for sid in session_ids:
+            self.cache.pop(sid, None)
+
+
+class _ToyDrafter:
+    def __init__(self) -> None:
+        self.cache: dict[str, list[int]] = {}
+
+    async def draft(self, requests):
+        await asyncio.sleep(0.001)
+        chunks = []
+        for request in requests:
+            context = self.cache.get(request.session_id, [])[: request.num_cached_tokens] + list(request.new_tokens)
+            base = len(context)
+            tokens, confidences = [], []
+            for _ in range(request.num_draft_tokens):
+                right = _drafter_is_right(context)
+                token = _next_token(context) if right else (_next_token(context) + 1) % 50
+                tokens.append(token)
+                confidences.append(0.85 if right else 0.35)
+                context.append(token)
+            self.cache[request.session_id] = context[:-1] if tokens else context
+            chunks.append(DraftChunk(request.session_id, base, tuple(tokens), tuple(confidences),
+                                     num_cached_tokens=len(self.cache[request.session_id])))
+        return chunks
+
+    async def release(self, session_ids):
+        for sid in session_ids:
+            self.cache.pop(sid, None)
+
+
+def _plain_greedy(prompt: list[int], n: int) -> list[int]:
+    out = list(prompt)
+    for _ in range(n):
+        out.append(_next_token(out))
+    return out[len(prompt):]
+
+
+async def test_speculation_loop_with_adaptive_policy_survives_redis_loss(redis_process):
+    from scheduler.calibration_store import RedisCalibrationStore
+    from scheduler.speculation_loop import SpeculationLoop
+
+    store = RedisCalibrationStore(redis_process.url, timeout_s=0.05, refresh_interval_s=0.05,
+                                  min_backoff_s=0.05, max_backoff_s=0.2)
+    registry = CostProfileRegistry(redis_process.url, timeout_s=0.05)
+    registry.set_local("toy:1", CostProfile.from_table([(1, 0.003), (64, 0.0036), (256, 0.012)]))
+    base = AdaptiveBudgetPolicy(store, registry, PAIR, max_draft_tokens=6)
+    verifier = _ToyVerifier()
+    loop = SpeculationLoop(verifier, _ToyDrafter(), base.for_verifier("toy:1"), context_limit=4096)
+    prompts = [[i + 1, 2 * i + 3, 5] for i in range(8)]
+
+    async def run(i: int) -> list[int]:
+        session = Session(f"r{i}", prompts[i], SamplingParams(seed=i), max_tokens=60)
+        out: list[int] = []
+        async for commit in loop.stream(session):
+            out += commit.token_ids
+        return out
+
+    async def kill_and_restart() -> None:
+        await asyncio.sleep(0.1)
+        redis_process.kill()
+        await asyncio.sleep(0.2)
+        redis_process.start()
+
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(run(i) for i in range(8)), kill_and_restart()), 30)
+        for i in range(8):
+            assert results[i] == _plain_greedy(prompts[i], 60)
+        assert loop.num_rounds < 8 * 60 / 2  # speculation paid: well over 2 tokens per round
+        # Calibration learned that 0.35-confidence drafts fail and 0.85 ones mostly survive.
+        table = store.table(PAIR)
+        assert table.acceptance(1, 0.85) > 0.6 > 0.2 > table.acceptance(1, 0.35)
+    finally:
+        await loop.close()
+        await store.close()
+        await registry.close()
