@@ -2,14 +2,20 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Write a haiku about distributed systems.
+PORT ?= 50051
 
-.PHONY: venv run test proto proto-check
+.PHONY: venv run generate test proto proto-check
 
 venv:
 	bash scripts/bootstrap.sh
 
+# The whole system on this machine: gateway, scheduler, drafter, verifier as separate processes.
 run: venv
-	$(VENV)/bin/specmesh generate --max-tokens 64 "$(PROMPT)"
+	$(VENV)/bin/specmesh up --port $(PORT)
+
+# One prompt in-process (no services).
+generate: venv
+	$(VENV)/bin/specmesh generate --stats --max-tokens 64 "$(PROMPT)"
 
 proto: venv
 	$(PY) -m specmesh.protogen

@@ -20,7 +20,13 @@ def main(
     drafters: str = typer.Option("", envvar="SPECMESH_SCHEDULER_DRAFTERS", help="host:port,... of drafters."),
     host: str = typer.Option("127.0.0.1", envvar="SPECMESH_SCHEDULER_HOST"),
     port: int = typer.Option(50052, envvar="SPECMESH_SCHEDULER_PORT"),
+    policy: str = typer.Option("adaptive", envvar="SPECMESH_SCHEDULER_POLICY",
+                               help="adaptive (confidence x verifier load) or fixed (--draft-length every round)."),
     draft_length: int = typer.Option(4, envvar="SPECMESH_SCHEDULER_DRAFT_LENGTH"),
+    max_draft_tokens: int = typer.Option(8, envvar="SPECMESH_SCHEDULER_MAX_DRAFT_TOKENS",
+                                         help="Longest draft the adaptive policy may choose."),
+    redis_url: str = typer.Option("", envvar="SPECMESH_SCHEDULER_REDIS_URL",
+                                  help="Share calibration and cost profiles through Redis (empty: in-memory)."),
     max_batch_sessions: int = typer.Option(64, envvar="SPECMESH_SCHEDULER_MAX_BATCH_SESSIONS"),
     max_tokens_limit: int = typer.Option(4096, envvar="SPECMESH_SCHEDULER_MAX_TOKENS_LIMIT"),
     verify_timeout_s: float = typer.Option(120.0, envvar="SPECMESH_SCHEDULER_VERIFY_TIMEOUT_S"),
@@ -37,7 +43,8 @@ def main(
     from scheduler.server import run
 
     run(SchedulerConfig(
-        verifiers=_split(verifiers), drafters=_split(drafters), host=host, port=port, draft_length=draft_length,
+        verifiers=_split(verifiers), drafters=_split(drafters), host=host, port=port, policy=policy,
+        draft_length=draft_length, max_draft_tokens=max_draft_tokens, redis_url=redis_url or None,
         max_batch_sessions=max_batch_sessions, max_tokens_limit=max_tokens_limit,
         verify_timeout_s=verify_timeout_s, draft_timeout_s=draft_timeout_s, connect_wait_s=connect_wait_s,
         replica_cooldown_s=replica_cooldown_s, grace_s=grace_s,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from scheduler.backends import BackendUnavailable
 from scheduler.draft_policy import DraftLengthPolicy
@@ -22,11 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class Coordinator:
-    def __init__(self, verifiers: ReplicaPool, drafters: DrafterRouter | None, policy: DraftLengthPolicy,
-                 max_batch_sessions: int = 64, max_tokens_limit: int = 4096) -> None:
+    def __init__(self, verifiers: ReplicaPool, drafters: DrafterRouter | None,
+                 policy: DraftLengthPolicy | Callable[[str, str], DraftLengthPolicy],
+                 max_batch_sessions: int = 64, max_tokens_limit: int = 4096, cost_registry=None) -> None:
+        """policy: a policy, or a factory called with (verifier model, drafter model) once they
+        are known. cost_registry: where verifier cost profiles are published (CostProfileRegistry)."""
         self.verifiers = verifiers
         self.drafters = drafters
-        self.policy = policy
+        self._policy_factory = policy if callable(policy) and not hasattr(policy, "draft_lengths") else None
+        self.policy: DraftLengthPolicy | None = None if self._policy_factory else policy
+        self.cost_registry = cost_registry
+        self.verifier_model = ""
+        self.drafter_model = ""
         self.max_batch_sessions = max_batch_sessions
         self.max_tokens_limit = max_tokens_limit
         self.prompt_lengths: dict[str, int] = {}  # shared with remote clients
@@ -62,8 +69,18 @@ class Coordinator:
         self.tokenizer_fingerprint = fingerprints.pop()
         self.context_limit = min(p.max_context_tokens for p in profiles.values())
         self.vocab_size = min(p.vocab_size for p in profiles.values())
+        self.verifier_model = next(iter(profiles.values())).model_name
+        if self.cost_registry is not None:
+            from scheduler.cost_model import CostProfile
+
+            for endpoint, profile in profiles.items():
+                if profile.cost_table:
+                    self.cost_registry.set_local(endpoint, CostProfile.from_table(
+                        (p.batch_tokens, p.forward_seconds) for p in profile.cost_table))
         if self.drafters is not None:
             await self.check_drafters()
+        if self._policy_factory is not None:
+            self.policy = self._policy_factory(self.verifier_model, self.drafter_model or "none")
 
     async def check_drafters(self) -> None:
         pool = self.drafters.pool
@@ -74,7 +91,8 @@ class Coordinator:
             except BackendUnavailable as error:
                 log.warning("drafter %s not reachable yet: %s", endpoint, error)
                 continue
-            if profile.tokenizer_fingerprint != self.tokenizer_fingerprint:
+            self.drafter_model = self.drafter_model or profile.model_name
+            if profile.tokenizer_fingerprint and profile.tokenizer_fingerprint != self.tokenizer_fingerprint:
                 pool.reject(endpoint)
                 mismatched.append(f"{endpoint} ({profile.model_name})")
         if mismatched:
@@ -105,8 +123,10 @@ class Coordinator:
 
     def _loop_for(self, endpoint: str) -> SpeculationLoop:
         if endpoint not in self._loops:
+            # Each verifier has its own cost curve, so the adaptive policy is per replica.
+            policy = self.policy.for_verifier(endpoint) if hasattr(self.policy, "for_verifier") else self.policy
             self._loops[endpoint] = SpeculationLoop(
-                self.verifiers.client(endpoint), self.drafters, self.policy,
+                self.verifiers.client(endpoint), self.drafters, policy,
                 context_limit=self.context_limit or 1 << 30, max_batch_sessions=self.max_batch_sessions,
                 on_verifier_lost=self._verifier_lost,
             )
@@ -167,5 +187,8 @@ class Coordinator:
         if self.drafters is not None:
             for client in self.drafters.pool.clients().values():
                 await client.close()
+        for resource in (getattr(self.policy, "calibration", None), self.cost_registry):
+            if resource is not None and hasattr(resource, "close"):
+                await resource.close()
 
 

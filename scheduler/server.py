@@ -48,8 +48,22 @@ def build_coordinator(config: SchedulerConfig) -> Coordinator:
         drafters = DrafterRouter(ReplicaPool(StaticEndpoints(list(config.drafters)),
                                              lambda e: RemoteDrafter(e, config.draft_timeout_s, prompt_lengths),
                                              cooldown_s=config.replica_cooldown_s))
-    coordinator = Coordinator(verifiers, drafters, FixedDraftLength(config.draft_length),
-                              max_batch_sessions=config.max_batch_sessions, max_tokens_limit=config.max_tokens_limit)
+    registry = None
+    if config.policy == "fixed":
+        policy = FixedDraftLength(config.draft_length)
+    else:
+        from scheduler.budget_policy import AdaptiveBudgetPolicy, model_pair_id
+        from scheduler.calibration_store import open_calibration_store
+        from scheduler.cost_model import CostProfileRegistry
+
+        store = open_calibration_store(config.redis_url)
+        registry = CostProfileRegistry(config.redis_url)
+
+        def policy(verifier_model: str, drafter_model: str) -> AdaptiveBudgetPolicy:
+            return AdaptiveBudgetPolicy(store, registry, model_pair_id(verifier_model, drafter_model),
+                                        config.max_draft_tokens)
+    coordinator = Coordinator(verifiers, drafters, policy, max_batch_sessions=config.max_batch_sessions,
+                              max_tokens_limit=config.max_tokens_limit, cost_registry=registry)
     coordinator.prompt_lengths = prompt_lengths
     return coordinator
 

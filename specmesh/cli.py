@@ -166,6 +166,57 @@ def up(
     raise typer.Exit(code=code)
 
 
+@app.command()
+def bench(
+    target: str | None = typer.Option(None, help="host:port of a running gateway; without it, start a local cluster."),
+    verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier REF for the local cluster."),
+    drafter: str = typer.Option(DEFAULT_DRAFTER, help="Drafter REF for the local cluster."),
+    workload: str = typer.Option("mixed", help="chat | code | summarisation | mixed | a JSONL file."),
+    concurrency: str = typer.Option("1,8", help="Comma-separated concurrency levels."),
+    max_tokens: int = typer.Option(64, "--max-tokens"),
+    requests: int = typer.Option(8, "--requests", help="Requests per mode and concurrency level (at least the level)."),
+    json_out: str | None = typer.Option(None, "--json", help="Write the results as JSON here."),
+) -> None:
+    """Measure per-user and aggregate tokens/s with speculation on and off, interleaved in one run."""
+    import json
+
+    from rich.progress import Progress
+
+    from specmesh.bench import DEFAULT_MODES, format_table, run_bench, to_json
+    from specmesh.local_cluster import ClusterStartError, LocalCluster, free_port
+    from specmesh.workloads import load_workload
+
+    try:
+        levels = [int(x) for x in concurrency.split(",") if x.strip()]
+        prompts = load_workload(workload)
+    except ValueError as error:
+        _fail(error)
+    cluster = None
+    if target is None:
+        cluster = LocalCluster(verifier=verifier, drafter=drafter, port=free_port())
+        typer.echo("bench: starting a local cluster ...", err=True)
+        try:
+            cluster.start()
+        except ClusterStartError as error:
+            _fail(error)
+        target = cluster.gateway_address
+    try:
+        steps = len(levels) * 2 * len(DEFAULT_MODES)
+        with Progress(transient=True, console=None) as progress:
+            task = progress.add_task("benchmarking", total=steps)
+            summaries = asyncio.run(run_bench(target, prompts, levels, max_tokens, requests,
+                                              progress=lambda: progress.advance(task)))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    meta = {"target": target, "workload": workload, "max_tokens": max_tokens, "verifier": verifier,
+            "drafter": drafter, "local_cluster": cluster is not None}
+    if json_out:
+        with open(json_out, "w") as handle:
+            json.dump(to_json(summaries, meta), handle, indent=2)
+    typer.echo(format_table(summaries))
+
+
 def main() -> None:
     app()
 

@@ -87,6 +87,8 @@ class LocalCluster:
     def _spawn(self, name: str, port: int, args: list[str]) -> ServiceProcess:
         command = [sys.executable, "-m", "specmesh.cli", "serve", name, "--host", LOOPBACK, "--port", str(port), *args]
         env = {**os.environ, **self.extra_env}
+        # Idle OpenMP workers must sleep, not spin: four processes share these cores.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if name != "verifier":
             # On one machine the verifier's forward pass is the bottleneck: the other services
             # get one compute thread each so their thread pools do not steal its cores.

@@ -34,10 +34,11 @@ MAX_CONTEXT = 256
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    # A verifier big enough that a long request takes a few hundred milliseconds, and a
-    # drafter with the same tokenizer and different weights (partial acceptance).
+    # A verifier big enough that a long request takes a few hundred milliseconds, and a drafter
+    # that agrees with it (a copy), so the adaptive policy drafts long chunks and failover has
+    # real drafter state to lose.
     verifier = save_tiny_model(root / "verifier", vocab_size=64, hidden=64, layers=3, heads=4, kv_heads=2, seed=0)
-    drafter = save_tiny_model(root / "drafter", vocab_size=64, hidden=32, layers=1, heads=4, kv_heads=2, seed=0)
+    drafter = save_tiny_model(root / "drafter", vocab_size=64, hidden=64, layers=3, heads=4, kv_heads=2, seed=0)
     return {"verifier": verifier, "drafter": drafter}
 
 
@@ -58,14 +59,15 @@ def expected(oracle: Engine, prompt: str, max_tokens: int) -> list[int]:
         return pool.submit(lambda: oracle.generate(prompt, max_tokens=max_tokens).token_ids).result()
 
 
-async def start_in_process(model_dirs, num_verifiers: int = 1):
+async def start_in_process(model_dirs, num_verifiers: int = 1, policy: str = "adaptive"):
     verifiers = [await start_verifier(VerifierConfig(model=str(model_dirs["verifier"]), max_context=MAX_CONTEXT,
                                                      num_slots=32, profile_batch_tokens=(1, 8)))
                  for _ in range(num_verifiers)]
     drafter = await start_drafter(DrafterConfig(model=str(model_dirs["drafter"]), max_context=MAX_CONTEXT,
                                                 num_slots=32, profile_batch_sizes=(1,)))
     scheduler = await start_scheduler(SchedulerConfig(verifiers=tuple(v.address for v in verifiers),
-                                                      drafters=(drafter.address,), connect_wait_s=30))
+                                                      drafters=(drafter.address,), connect_wait_s=30,
+                                                      policy=policy))
     gateway = await start_gateway(GatewayConfig(model=str(model_dirs["verifier"]), scheduler=scheduler.address))
     return verifiers, drafter, scheduler, gateway
 
@@ -75,8 +77,9 @@ async def stop_all(*services) -> None:
         await service.stop()
 
 
-async def test_sixteen_concurrent_greedy_requests_match_the_verifier(model_dirs, oracle):
-    verifiers, drafter, scheduler, gateway = await start_in_process(model_dirs)
+@pytest.mark.parametrize("policy", ["adaptive", "fixed"])
+async def test_sixteen_concurrent_greedy_requests_match_the_verifier(model_dirs, oracle, policy):
+    verifiers, drafter, scheduler, gateway = await start_in_process(model_dirs, policy=policy)
     try:
         texts = prompts(16)
         async with AsyncSpecmeshClient(gateway.address) as client:

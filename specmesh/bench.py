@@ -1,0 +1,155 @@
+"""Drive a running gateway with a workload at fixed concurrency levels; speculation on and
+off measured interleaved in the same run, so the ratio is not skewed by drift.
+
+Per mode and concurrency: per-user tokens/s (each request's completion tokens over its own
+latency), aggregate tokens/s (all tokens over wall time), TTFT and time per output token
+(p50/p99), accepted length tau (tokens committed per verification round) and acceptance rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from specmesh.client import AsyncSpecmeshClient
+
+
+@dataclass
+class RequestSample:
+    latency_s: float
+    ttft_s: float
+    completion_tokens: int
+    drafted: int
+    accepted: int
+    rounds: int
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    concurrency: int
+    wall_s: float = 0.0
+    samples: list[RequestSample] = field(default_factory=list)
+
+    def _percentile(self, values: Sequence[float], q: float) -> float:
+        if not values:
+            return 0.0
+        ordered = sorted(values)
+        index = min(int(round(q * (len(ordered) - 1))), len(ordered) - 1)
+        return ordered[index]
+
+    def summary(self) -> dict:
+        tokens = sum(s.completion_tokens for s in self.samples)
+        per_user = [s.completion_tokens / s.latency_s for s in self.samples if s.latency_s > 0]
+        tpot = [(s.latency_s - s.ttft_s) / (s.completion_tokens - 1) for s in self.samples if s.completion_tokens > 1]
+        ttft = [s.ttft_s for s in self.samples]
+        drafted = sum(s.drafted for s in self.samples)
+        accepted = sum(s.accepted for s in self.samples)
+        rounds = sum(s.rounds for s in self.samples)
+        return {
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "requests": len(self.samples),
+            "completion_tokens": tokens,
+            "aggregate_tokens_per_s": tokens / self.wall_s if self.wall_s else 0.0,
+            "per_user_tokens_per_s": statistics.mean(per_user) if per_user else 0.0,
+            "ttft_p50_s": self._percentile(ttft, 0.5),
+            "ttft_p99_s": self._percentile(ttft, 0.99),
+            "tpot_p50_s": self._percentile(tpot, 0.5),
+            "tpot_p99_s": self._percentile(tpot, 0.99),
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "tau": (accepted + rounds) / rounds if rounds else 0.0,
+        }
+
+
+async def _one(client: AsyncSpecmeshClient, request: dict, max_tokens: int, speculation: bool,
+               max_draft_tokens: int | None) -> RequestSample:
+    start = time.perf_counter()
+    ttft = None
+    last = None
+    options = {"max_draft_tokens": max_draft_tokens} if max_draft_tokens is not None else {}
+    async for delta in client.stream(**request, max_tokens=max_tokens, temperature=0.0,
+                                     disable_speculation=not speculation, **options):
+        if ttft is None and delta.token_ids:
+            ttft = time.perf_counter() - start
+        last = delta
+    latency = time.perf_counter() - start
+    spec = last.speculation if last is not None else None
+    return RequestSample(latency, ttft or latency, last.usage.completion_tokens if last else 0,
+                         spec.drafted_tokens if spec else 0, spec.accepted_tokens if spec else 0,
+                         spec.rounds if spec else 0)
+
+
+async def _run_batch(client, requests: list[dict], concurrency: int, max_tokens: int, speculation: bool,
+                     max_draft_tokens: int | None, result: ModeResult) -> None:
+    queue = list(requests)
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        while queue:
+            request = queue.pop(0)
+            result.samples.append(await _one(client, request, max_tokens, speculation, max_draft_tokens))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.wall_s += time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class BenchMode:
+    name: str
+    speculation: bool
+    max_draft_tokens: int | None = None
+
+
+DEFAULT_MODES = (BenchMode("off", False), BenchMode("on", True))
+
+
+async def run_bench(target: str, requests: list[dict], concurrency_levels: Sequence[int], max_tokens: int,
+                    requests_per_level: int, modes: Sequence[BenchMode] = DEFAULT_MODES, repeats: int = 2,
+                    progress=None) -> list[dict]:
+    """Modes alternate in slices (off, on, off, on, ...) at each concurrency level."""
+    summaries = []
+    async with AsyncSpecmeshClient(target) as client:
+        # Warm-up: first requests pay one-off costs (kernel selection, caches) in every service.
+        await _run_batch(client, requests[:2], 2, 8, True, None, ModeResult("warmup", 2))
+        for concurrency in concurrency_levels:
+            results = {m.name: ModeResult(m.name, concurrency) for m in modes}
+            total = max(requests_per_level, concurrency)
+            per_slice = max(total // repeats, concurrency)
+            for r in range(repeats):
+                chosen = [requests[(r * per_slice + i) % len(requests)] for i in range(per_slice)]
+                for mode in modes:
+                    await _run_batch(client, chosen, concurrency, max_tokens, mode.speculation, mode.max_draft_tokens,
+                                     results[mode.name])
+                    if progress is not None:
+                        progress()
+            base = results[modes[0].name].summary()
+            for mode in modes:
+                summary = results[mode.name].summary()
+                for key in ("aggregate_tokens_per_s", "per_user_tokens_per_s"):
+                    summary[f"{key}_vs_{modes[0].name}"] = summary[key] / base[key] if base[key] else 0.0
+                summaries.append(summary)
+    return summaries
+
+
+def format_table(summaries: list[dict]) -> str:
+    header = (f"{'conc':>4} {'mode':>8} {'agg tok/s':>10} {'ratio':>6} {'user tok/s':>10} {'ratio':>6} "
+              f"{'ttft p50':>8} {'tpot p50':>8} {'accept':>7} {'tau':>5}")
+    lines = [header]
+    for s in summaries:
+        base_key = next(k for k in s if k.startswith("aggregate_tokens_per_s_vs_"))
+        user_key = next(k for k in s if k.startswith("per_user_tokens_per_s_vs_"))
+        lines.append(f"{s['concurrency']:>4} {s['mode']:>8} {s['aggregate_tokens_per_s']:>10.1f} {s[base_key]:>6.2f} "
+                     f"{s['per_user_tokens_per_s']:>10.1f} {s[user_key]:>6.2f} {s['ttft_p50_s']:>8.3f} "
+                     f"{s['tpot_p50_s']:>8.3f} {s['acceptance_rate']:>7.1%} {s['tau']:>5.2f}")
+    return "\n".join(lines)
+
+
+def to_json(summaries: list[dict], meta: dict) -> dict:
+    return {"meta": meta, "results": summaries}
+
+
+__all__ = ["run_bench", "format_table", "to_json", "BenchMode", "ModeResult", "RequestSample", "asdict"]
