@@ -140,7 +140,10 @@ def up(
     verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier model REF."),
     drafter: str = typer.Option(DEFAULT_DRAFTER, help="Drafter REF ('prompt-lookup', 'layers:N', 'none' or a model)."),
     port: int = typer.Option(50051, help="Gateway gRPC port."),
-    draft_length: int = typer.Option(4, "--draft-length"),
+    redis_url: str | None = typer.Option(None, "--redis-url",
+                                         help="Share scheduler calibration through Redis (default: in-memory)."),
+    policy: str = typer.Option("adaptive", help="Scheduler policy: adaptive or fixed."),
+    draft_length: int = typer.Option(4, "--draft-length", help="Draft length of the fixed policy."),
     log_dir: str | None = typer.Option(None, "--log-dir", help="Write each service's log to DIR/<service>.log."),
 ) -> None:
     """Start gateway, scheduler, drafter and verifier as separate processes on loopback."""
@@ -149,7 +152,7 @@ def up(
     from specmesh.local_cluster import ClusterStartError, LocalCluster
 
     cluster = LocalCluster(verifier=verifier, drafter=drafter, port=port, draft_length=draft_length,
-                           log_dir=Path(log_dir) if log_dir else None)
+                           policy=policy, redis_url=redis_url, log_dir=Path(log_dir) if log_dir else None)
     typer.echo("specmesh up: starting verifier, drafter, scheduler, gateway ...", err=True)
     try:
         cluster.start()

@@ -75,6 +75,8 @@ class LocalCluster:
     drafter: str
     port: int = 50051
     draft_length: int = 4
+    policy: str = "adaptive"
+    redis_url: str | None = None
     start_timeout_s: float = 600.0
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -112,7 +114,10 @@ class LocalCluster:
             wait_serving(verifier.address, self.start_timeout_s, verifier.process)
             if drafter is not None:
                 wait_serving(drafter.address, self.start_timeout_s, drafter.process)
-            scheduler_args = ["--verifiers", verifier.address, "--draft-length", str(self.draft_length)]
+            scheduler_args = ["--verifiers", verifier.address, "--draft-length", str(self.draft_length),
+                              "--policy", self.policy]
+            if self.redis_url:
+                scheduler_args += ["--redis-url", self.redis_url]
             if drafter is not None:
                 scheduler_args += ["--drafters", drafter.address]
             scheduler = self._spawn("scheduler", free_port(), scheduler_args)
