@@ -102,6 +102,7 @@ class BenchMode:
     name: str
     speculation: bool
     max_draft_tokens: int | None = None
+    target: str | None = None  # another gateway (e.g. one whose scheduler runs another policy)
 
 
 DEFAULT_MODES = (BenchMode("off", False), BenchMode("on", True))
@@ -112,9 +113,11 @@ async def run_bench(target: str, requests: list[dict], concurrency_levels: Seque
                     progress=None) -> list[dict]:
     """Modes alternate in slices (off, on, off, on, ...) at each concurrency level."""
     summaries = []
-    async with AsyncSpecmeshClient(target) as client:
-        # Warm-up: first requests pay one-off costs (kernel selection, caches) in every service.
-        await _run_batch(client, requests[:2], 2, 8, True, None, ModeResult("warmup", 2))
+    clients = {t: AsyncSpecmeshClient(t) for t in {target, *(m.target for m in modes if m.target)}}
+    try:
+        for client in clients.values():
+            # Warm-up: first requests pay one-off costs (kernel selection, caches) in every service.
+            await _run_batch(client, requests[:2], 2, 8, True, None, ModeResult("warmup", 2))
         for concurrency in concurrency_levels:
             results = {m.name: ModeResult(m.name, concurrency) for m in modes}
             total = max(requests_per_level, concurrency)
@@ -122,8 +125,8 @@ async def run_bench(target: str, requests: list[dict], concurrency_levels: Seque
             for r in range(repeats):
                 chosen = [requests[(r * per_slice + i) % len(requests)] for i in range(per_slice)]
                 for mode in modes:
-                    await _run_batch(client, chosen, concurrency, max_tokens, mode.speculation, mode.max_draft_tokens,
-                                     results[mode.name])
+                    await _run_batch(clients[mode.target or target], chosen, concurrency, max_tokens,
+                                     mode.speculation, mode.max_draft_tokens, results[mode.name])
                     if progress is not None:
                         progress()
             base = results[modes[0].name].summary()
@@ -132,6 +135,9 @@ async def run_bench(target: str, requests: list[dict], concurrency_levels: Seque
                 for key in ("aggregate_tokens_per_s", "per_user_tokens_per_s"):
                     summary[f"{key}_vs_{modes[0].name}"] = summary[key] / base[key] if base[key] else 0.0
                 summaries.append(summary)
+    finally:
+        for client in clients.values():
+            await client.close()
     return summaries
 
 
