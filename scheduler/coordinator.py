@@ -13,10 +13,12 @@ from scheduler.backends import BackendUnavailable
 from scheduler.draft_policy import DraftLengthPolicy
 from scheduler.drafter_router import DrafterRouter
 from scheduler.replica_pool import ReplicaPool
+from scheduler.round_tracing import end_session_span, start_session_span
 from scheduler.session import Commit, Session
-from scheduler.speculation_loop import SessionEntry, SpeculationLoop
+from scheduler.speculation_loop import SessionEntry, SpeculationLoop, drain
 from specmesh.errors import InvalidRequestError, TokenizerMismatchError
 from specmesh.grpc_errors import NoBackendError
+from specmesh.metrics import SCHEDULER_ACTIVE_SESSIONS, SCHEDULER_FAILOVERS
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,7 @@ class Coordinator:
             entry.session.verifier_cached = 0
             if self._place(entry, exclude={endpoint}):
                 self.num_verifier_failovers += 1
+                SCHEDULER_FAILOVERS.labels(backend="verifier").inc()
             else:
                 self._home.pop(entry.session.session_id, None)
                 entry.session.cancel()
@@ -158,22 +161,28 @@ class Coordinator:
     async def stream(self, session: Session) -> AsyncIterator[Commit]:
         """Run a session to completion. Closing the iterator early cancels it everywhere."""
         self.validate(session)
-        entry = SessionEntry(session)
+        # The session span parents every round span: set before the session joins a loop.
+        entry = SessionEntry(session, span=start_session_span(session))
         self.prompt_lengths[session.session_id] = len(session.prompt_tokens)
         if not self._place(entry):
             self.prompt_lengths.pop(session.session_id, None)
+            end_session_span(entry.span, session, NoBackendError("no verifier is reachable"))
             raise NoBackendError("no verifier is reachable")
+        SCHEDULER_ACTIVE_SESSIONS.inc()
+        error: BaseException | None = None
         try:
-            while True:
-                item = await entry.outbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for commit in drain(entry):
+                yield commit
+        except BaseException as caught:
+            error = caught
+            raise
         finally:
+            SCHEDULER_ACTIVE_SESSIONS.dec()
             if not session.finished:
                 session.cancel()
+            if entry.span is not None:
+                entry.span.set_attribute("specmesh.verifier.endpoint", self._home.get(session.session_id, ""))
+                end_session_span(entry.span, session, error)
             home = self._home.pop(session.session_id, None)
             if home in self._loops:
                 self._loops[home].wake()

@@ -17,20 +17,18 @@ from grpc import aio
 
 from scheduler import convert
 from scheduler.backends import BackendUnavailable
-from specmesh.grpc_server import insecure_channel
+from scheduler.remote_replica import RemoteReplica
 from specmesh.records import DraftChunk, DraftRequest
-from specmesh.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from specmesh.v1 import drafter_pb2, drafter_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
-class RemoteDrafter:
+class RemoteDrafter(RemoteReplica):
     def __init__(self, endpoint: str, timeout_s: float, prompt_lengths: dict[str, int]) -> None:
-        self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._prompt_lengths = prompt_lengths
-        self._channel: aio.Channel = insecure_channel(endpoint)
-        self._stub = drafter_pb2_grpc.DrafterStub(self._channel)
+        super().__init__(endpoint, drafter_pb2_grpc.DrafterStub)
         self._call: aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
         self._sequence = itertools.count(1)
@@ -111,29 +109,9 @@ class RemoteDrafter:
             elif not future.cancelled():
                 future.exception()  # mark retrieved
 
-    async def release(self, session_ids: Sequence[str]) -> None:
-        if not session_ids:
-            return
-        try:
-            await self._stub.Release(common_pb2.ReleaseRequest(session_ids=list(session_ids)), timeout=5.0)
-        except aio.AioRpcError as error:
-            raise BackendUnavailable(self.endpoint, f"Release failed: {error.code().name}")
-
-    async def profile(self, timeout_s: float = 10.0) -> common_pb2.ProfileResponse:
-        try:
-            return await self._stub.Profile(common_pb2.ProfileRequest(), timeout=timeout_s)
-        except aio.AioRpcError as error:
-            raise BackendUnavailable(self.endpoint, f"Profile failed: {error.code().name} {error.details()}")
-
-    async def stats(self, timeout_s: float = 5.0) -> common_pb2.StatsResponse:
-        try:
-            return await self._stub.Stats(common_pb2.StatsRequest(), timeout=timeout_s)
-        except aio.AioRpcError as error:
-            raise BackendUnavailable(self.endpoint, f"Stats failed: {error.code().name}")
-
     async def close(self) -> None:
         if self._call is not None:
             self._call.cancel()
         if self._reader is not None:
             self._reader.cancel()
-        await self._channel.close()
+        await super().close()

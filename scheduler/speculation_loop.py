@@ -6,15 +6,20 @@ batching). Backends may be local or remote; the loop only sees records.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from typing import Callable
 
 from scheduler.backends import BackendUnavailable, DraftBackend, VerifyBackend
 from scheduler.draft_policy import DraftLengthPolicy, RoundOutcome
+from scheduler.round_tracing import RoundTrace
 from scheduler.session import Commit, Session
+from specmesh.metrics import SCHEDULER_QUEUE_DEPTH, GaugeShare
 from specmesh.records import DraftChunk
 
 log = logging.getLogger(__name__)
@@ -26,6 +31,22 @@ class SessionEntry:
 
     session: Session
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Telemetry (scheduler/round_tracing.py): the session span (None when tracing is off),
+    # when the session last became ready for a round, and how many rounds it started.
+    span: Any = None
+    ready_at: float = 0.0
+    rounds_started: int = 0
+
+
+async def drain(entry: SessionEntry) -> AsyncIterator[Commit]:
+    """Yield a session's commits until it finishes; an error delivered to it is raised."""
+    while True:
+        item = await entry.outbox.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finish_reason is not None:
+            return
 
 
 # Called with the entries of a round whose verifier became unreachable; they have already
@@ -54,6 +75,7 @@ class SpeculationLoop:
         self._task: asyncio.Task | None = None
         self._to_release: list[str] = []
         self.num_rounds = 0
+        self._queue_depth = GaugeShare(SCHEDULER_QUEUE_DEPTH)
 
     @property
     def num_sessions(self) -> int:
@@ -65,13 +87,8 @@ class SpeculationLoop:
         entry = SessionEntry(session)
         self.adopt(entry)
         try:
-            while True:
-                item = await entry.outbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for commit in drain(entry):
+                yield commit
         finally:
             if not session.finished:
                 session.cancel()
@@ -82,6 +99,7 @@ class SpeculationLoop:
         if entry.session.session_id in self._entries:
             raise ValueError(f"session {entry.session.session_id!r} is already running")
         self._entries[entry.session.session_id] = entry
+        entry.ready_at = time.perf_counter()
         self._ensure_running()
         self._wakeup.set()
 
@@ -95,6 +113,7 @@ class SpeculationLoop:
         return entries
 
     async def close(self) -> None:
+        self._queue_depth.clear()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -104,12 +123,16 @@ class SpeculationLoop:
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="speculation-loop")
+            # A fresh context: the loop serves every session, so it must not inherit the trace
+            # context (session span) of whichever request happened to start it.
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="speculation-loop",
+                                                                context=contextvars.Context())
 
     async def _run(self) -> None:
         while True:
             await self._release_finished()
             live = [e for e in self._entries.values() if not e.session.finished]
+            self._queue_depth.set(max(len(live) - self.max_batch_sessions, 0))
             if not live:
                 self._wakeup.clear()
                 if not self._entries:
@@ -152,29 +175,46 @@ class SpeculationLoop:
 
     async def run_round(self, entries: Sequence[SessionEntry]) -> None:
         sessions = [e.session for e in entries]
-        lengths = self.policy.draft_lengths(sessions, self.context_limit)
-        chunks = await self._draft(sessions, lengths)
-        verify_lengths = self.policy.verify_lengths(sessions, chunks, lengths)
-        items = [s.verify_item(chunks.get(s.session_id), verify_lengths.get(s.session_id, 0)) for s in sessions]
-        results = await self.verifier.verify(items)
-        self.num_rounds += 1
-        outcomes = []
-        for entry, item, result in zip(entries, items, results):
-            session = entry.session
-            chunk = chunks.get(session.session_id)
-            outcomes.append(RoundOutcome(chunk, item, result))
-            if session.finished:  # cancelled while the round was in flight
-                continue
-            commit = session.commit(item, result, chunk)
-            if commit.token_ids or commit.finish_reason:
-                entry.outbox.put_nowait(commit)
+        record = RoundTrace(entries, getattr(self.verifier, "endpoint", ""))
+        error: BaseException | None = None
+        try:
+            lengths = self.policy.draft_lengths(sessions, self.context_limit)
+            chunks = await self._draft(sessions, lengths, record)
+            record.drafted(lengths, chunks)
+            verify_lengths = self.policy.verify_lengths(sessions, chunks, lengths)
+            items = [s.verify_item(chunks.get(s.session_id), verify_lengths.get(s.session_id, 0)) for s in sessions]
+            if record.carriers:
+                items = [dataclasses.replace(i, trace_context=record.carrier(i.session_id)) for i in items]
+            record.planned(items, self.policy)
+            with record.verifying():
+                results = await self.verifier.verify(items)
+            self.num_rounds += 1
+            outcomes = []
+            for entry, item, result in zip(entries, items, results):
+                session = entry.session
+                chunk = chunks.get(session.session_id)
+                outcomes.append(RoundOutcome(chunk, item, result))
+                if session.finished:  # cancelled while the round was in flight
+                    continue
+                commit = session.commit(item, result, chunk)
+                record.committed(item, result, commit)
+                if commit.token_ids or commit.finish_reason:
+                    entry.outbox.put_nowait(commit)
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            record.end(error)
         await self.policy.observe(outcomes)
 
-    async def _draft(self, sessions: Sequence[Session], lengths: dict[str, int]) -> dict[str, DraftChunk]:
+    async def _draft(self, sessions: Sequence[Session], lengths: dict[str, int],
+                     record: RoundTrace | None = None) -> dict[str, DraftChunk]:
         wanted = [s for s in sessions if lengths[s.session_id] > 0]
         if self.drafter is None or not wanted:
             return {}
         requests = [s.draft_request(lengths[s.session_id]) for s in wanted]
+        if record is not None and record.carriers:
+            requests = [dataclasses.replace(r, trace_context=record.carrier(r.session_id)) for r in requests]
         try:
             chunks = await self.drafter.draft(requests)
         except Exception:  # noqa: BLE001 - drafters accelerate, they are never a dependency
