@@ -22,7 +22,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from specmesh.distributions import draft_distribution, make_generator
+from specmesh.distributions import draft_distribution, greedy_draft_distributions, make_generator
 from specmesh.errors import InvalidRequestError
 from specmesh.model_runner import ForwardRequest, ModelRunner
 from specmesh.records import DraftChunk, DraftRequest, SparseDistribution
@@ -84,6 +84,7 @@ class _Path:
     """
 
     tokens: list[int] = field(default_factory=list)
+    session_id: str = ""
     drafts_from: int = 0
     drafts: list[tuple[float, SparseDistribution]] = field(default_factory=list)
     params: SamplingParams | None = None
@@ -192,7 +193,7 @@ class ModelDrafter:
         keep_cached = max(0, min(cached, valid, len(tokens) - 1))
         slot = self.slots.sync(sid, keep_cached, pinned=pinned)
         assert slot is not None  # keep_cached <= cached, or a fresh session at 0
-        self._paths[sid] = _Path(tokens=tokens, drafts_from=committed_length, drafts=drafts,
+        self._paths[sid] = _Path(tokens=tokens, session_id=sid, drafts_from=committed_length, drafts=drafts,
                                  params=request.params, sent_length=committed_length)
         return slot, self._paths[sid]
 
@@ -269,16 +270,30 @@ class ModelDrafter:
         running = [item for item in work if len(item[1].tokens) < item[2]]
         while running:
             self.num_forwards += 1
-            logits = self.runner.forward([
+            logits, _ = self.runner.forward_flat([
                 ForwardRequest(slot, path.tokens[cache.lengths[slot]:],
                                logits_from=len(path.tokens) - cache.lengths[slot] - 1)
                 for slot, path, _ in running
-            ])
-            for (slot, path, _), row in zip(running, logits):
-                params = path.params
-                assert params is not None
-                position = len(path.tokens)
-                uniform = draft_uniform(params.seed or 0, position)
-                token, confidence, q = draft_distribution(row[-1], params, self.draft_top_k, uniform)
+            ])  # [len(running), V]: one row per session, the logits after its last token
+            paths = [path for _, path, _ in running]
+            for path, (token, confidence, q) in zip(paths, self._pick(logits, paths)):
                 path.append_draft(token, confidence, q)
             running = [item for item in running if len(item[1].tokens) < item[2]]
+
+    def _pick(self, logits: torch.Tensor, paths: Sequence[_Path]) -> list[tuple[int, float, SparseDistribution]]:
+        """The next draft token of each path, with its confidence and q. logits: [B, V], row b
+        predicts the token at position len(paths[b].tokens). Greedy rows are decided together
+        (one transfer for the batch); sampled rows draw with their position's uniform."""
+        picks: list[tuple[int, float, SparseDistribution] | None] = [None] * len(paths)
+        greedy = [b for b, path in enumerate(paths) if path.params is not None and path.params.greedy]
+        if greedy:
+            rows = logits if len(greedy) == len(paths) else logits[greedy]
+            for b, pick in zip(greedy, greedy_draft_distributions(rows, self.draft_top_k)):
+                picks[b] = pick
+        for b, path in enumerate(paths):
+            if picks[b] is None:
+                params = path.params
+                assert params is not None
+                uniform = draft_uniform(params.seed or 0, len(path.tokens))
+                picks[b] = draft_distribution(logits[b], params, self.draft_top_k, uniform)
+        return picks  # type: ignore[return-value]

@@ -98,3 +98,23 @@ def draft_distribution(
     token = int(token_ids[choice].item())
     confidence = float(q_probs[choice].item())
     return token, confidence, SparseDistribution(tuple(token_ids.tolist()), tuple(q_probs.tolist()))
+
+
+def greedy_draft_distributions(logits: torch.Tensor, draft_top_k: int) -> list[tuple[int, float, SparseDistribution]]:
+    """`draft_distribution` for greedy rows, for a whole batch at once. logits: [B, V].
+
+    One softmax and one top-k over the batch and ONE device-to-host transfer (ids, q and
+    confidence packed together; ids are exact in float64), instead of several per row.
+    """
+    if logits.shape[0] == 0:
+        return []
+    full = logits.float().softmax(dim=-1)
+    top = torch.topk(full, min(draft_top_k, full.shape[-1]), dim=-1)
+    q_probs = top.values / top.values.sum(dim=-1, keepdim=True)
+    k = q_probs.shape[-1]
+    packed = torch.cat([top.indices.double(), q_probs.double(), top.values[:, :1].double()], dim=-1).tolist()
+    out = []
+    for row in packed:
+        ids = tuple(int(i) for i in row[:k])
+        out.append((ids[0], row[2 * k], SparseDistribution(ids, tuple(row[k: 2 * k]))))
+    return out

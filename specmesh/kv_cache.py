@@ -16,6 +16,7 @@ it returns; the 4-D mask built by `ragged_forward` says which of those positions
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +64,14 @@ class SlotKVCache:
         self.keys = [torch.zeros(storage_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)]
         self.values = [torch.zeros(storage_shape, dtype=dtype, device=device) for _ in range(shape.num_layers)]
         self.lengths = [0] * num_slots  # valid cached positions per slot
-        self._free_slots = list(range(num_slots - 1, -1, -1))
+        # A min-heap: the lowest free slot is taken first, so live sessions stay packed at low
+        # slot numbers (the packed path attends to slot rows [0, highest live slot]).
+        self._free_slots = list(range(num_slots))
         # Set by begin_forward for the pass in flight.
-        self._write_slots: torch.Tensor | None = None  # [B, Q] long
-        self._write_positions: torch.Tensor | None = None  # [B, Q] long
+        self._write_slots: torch.Tensor | None = None  # [B, Q] (or [1, N] packed) long
+        self._write_positions: torch.Tensor | None = None  # same shape as _write_slots
         self._read_slots: list[int] = []
+        self._read_rows = 0  # packed path: attend to slot rows [0, read_rows)
         self._read_length = 0
 
     # ---- slot lifecycle -------------------------------------------------------------------
@@ -78,13 +82,13 @@ class SlotKVCache:
     def allocate(self) -> int:
         if not self._free_slots:
             raise CapacityError(f"all {self.num_slots} KV cache slots are in use")
-        slot = self._free_slots.pop()
+        slot = heapq.heappop(self._free_slots)
         self.lengths[slot] = 0
         return slot
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
-        self._free_slots.append(slot)
+        heapq.heappush(self._free_slots, slot)
 
     def truncate(self, slot: int, length: int) -> None:
         """Keep the first `length` positions of the slot: O(1)."""
@@ -105,12 +109,24 @@ class SlotKVCache:
         self._write_slots = write_slots
         self._write_positions = write_positions
         self._read_slots = read_slots
+        self._read_rows = 0
+        self._read_length = read_length
+
+    def begin_packed_forward(self, write_slots: torch.Tensor, write_positions: torch.Tensor, read_rows: int,
+                             read_length: int) -> None:
+        """The packed path: write_slots, write_positions: [1, N] long for the flat tokens;
+        attention reads slot rows [0, read_rows) and positions [0, read_length) as one view."""
+        self._write_slots = write_slots
+        self._write_positions = write_positions
+        self._read_slots = []
+        self._read_rows = read_rows
         self._read_length = read_length
 
     def end_forward(self, slots: list[int], new_lengths: list[int]) -> None:
         for slot, length in zip(slots, new_lengths):
             self.lengths[slot] = length
         self._write_slots = self._write_positions = None
+        self._read_rows = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """key_states, value_states: [B, kv_heads, Q, head_dim] for this pass's input tokens.
@@ -121,6 +137,9 @@ class SlotKVCache:
         keys[self._write_slots, :, self._write_positions] = key_states.transpose(1, 2).to(keys.dtype)
         values[self._write_slots, :, self._write_positions] = value_states.transpose(1, 2).to(values.dtype)
         read = self._read_length
+        if self._read_rows:
+            # Slot rows [0, read_rows): a view of the storage, no copy (shapes fixed per bucket).
+            return keys[: self._read_rows, :, :read], values[: self._read_rows, :, :read]
         slots = self._read_slots
         if len(slots) == 1 or slots == list(range(slots[0], slots[0] + len(slots))):
             # Contiguous slots: a view, no copy.

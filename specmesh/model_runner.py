@@ -1,9 +1,18 @@
 """Run any HF decoder over a ragged batch of sessions, each appending to its own KV slot.
 
-A ragged batch is padded to [B, Q] (Q = the longest input in the batch); padding writes to the
-cache's scratch slot and is masked out. Positions and the 4-D attention mask are built from each
-session's own cached length, so sessions of any lengths share one forward pass and each sees
-exactly what an unbatched forward would.
+Two layouts, same results:
+
+- Packed (decoders with full attention; specmesh/packed_forward.py): the batch's tokens are
+  packed flat into one [1, N] sequence with per-token positions, so projections and MLP run on
+  the real tokens only; attention reads each slot's keys as a view of the preallocated cache.
+  On CUDA, decode-shaped forwards (a few tokens per session) replay captured CUDA graphs.
+- Padded (sliding-window or softcapped attention, or models that refuse a custom attention):
+  the batch is padded to [B, Q] (Q = the longest input in the batch); padding writes to the
+  cache's scratch slot and is masked out.
+
+Either way positions and the attention mask are built from each session's own cached length,
+so sessions of any lengths share one forward pass and each sees exactly what an unbatched
+forward would.
 
 Logits are computed only for the positions a caller asks for (the LM head over a 49k-262k
 vocabulary is the most expensive part of a short forward on CPU).
@@ -12,13 +21,16 @@ vocabulary is the most expensive part of a short forward on CPU).
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from specmesh import slot_attention
 from specmesh.errors import CapacityError
 from specmesh.kv_cache import CacheShape, SlotKVCache
+from specmesh.packed_forward import PackedForward
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,11 @@ def _cache_argument_name(module: torch.nn.Module) -> str:
 class ModelRunner:
     """Owns a model and its slot KV cache. One forward pass at a time."""
 
-    def __init__(self, model: torch.nn.Module, num_slots: int, max_tokens: int) -> None:
+    def __init__(self, model: torch.nn.Module, num_slots: int, max_tokens: int, *,
+                 packed: bool | None = None, cuda_graphs: bool | None = None) -> None:
+        """packed: use the packed layout where the model allows it (None: yes, unless the
+        environment says SPECMESH_PACKED=0). cuda_graphs: replay captured CUDA graphs for
+        decode-shaped forwards (None: on CUDA, unless SPECMESH_CUDA_GRAPHS=0)."""
         self.model = model
         self.config = model.config
         parameter = next(model.parameters())
@@ -56,6 +72,16 @@ class ModelRunner:
         self._sliding_window: int | None = (
             getattr(text_config, "sliding_window", None) if "sliding_attention" in layer_types else None
         )
+        self.packed: PackedForward | None = None
+        if packed is None:
+            packed = os.environ.get("SPECMESH_PACKED", "1") != "0"
+        if (packed and self._sliding_window is None and not getattr(text_config, "attn_logit_softcapping", None)
+                and slot_attention.install(model)):
+            if cuda_graphs is None:
+                cuda_graphs = self.device.type == "cuda" and os.environ.get("SPECMESH_CUDA_GRAPHS", "1") != "0"
+            kv_group = text_config.num_attention_heads // self.cache.shape.num_kv_heads
+            # On CPU, cuda_graphs=True runs the graphed shapes eagerly (tests of the bucketing).
+            self.packed = PackedForward(self, kv_group, cuda_graphs=cuda_graphs)
 
     @property
     def max_tokens(self) -> int:
@@ -84,11 +110,20 @@ class ModelRunner:
         }
         return additive if self._sliding_window is not None else additive["full_attention"]
 
-    @torch.inference_mode()
     def forward(self, requests: Sequence[ForwardRequest]) -> list[torch.Tensor]:
         """Returns, per request, logits [len(tokens) - logits_from, V] (float32)."""
         if not requests:
             return []
+        logits, counts = self.forward_flat(requests)
+        return list(torch.split(logits, counts))
+
+    @torch.inference_mode()
+    def forward_flat(self, requests: Sequence[ForwardRequest]) -> tuple[torch.Tensor, list[int]]:
+        """All requested logits as one tensor [sum(counts), V] (float32), request after request,
+        and each request's row count. On the packed path it never synchronises with the device:
+        the caller's first read of the logits does (one transfer for a whole batch)."""
+        if not requests:
+            return torch.empty((0, self.vocab_size), device=self.device), []
         cache = self.cache
         cached = [cache.lengths[r.slot] for r in requests]
         lengths = [len(r.tokens) for r in requests]
@@ -97,6 +132,20 @@ class ModelRunner:
                 raise ValueError(f"slot {r.slot}: empty forward request")
             if c + n > cache.max_tokens:
                 raise CapacityError(f"context of {c + n} tokens exceeds the KV slot size {cache.max_tokens}")
+            if not 0 <= r.logits_from <= n:
+                raise ValueError(f"slot {r.slot}: logits_from {r.logits_from} outside [0, {n}]")
+        if len({r.slot for r in requests}) != len(requests):
+            raise ValueError("a forward may hold each slot only once")
+        counts = [n - r.logits_from for r, n in zip(requests, lengths)]
+        try:
+            if self.packed is not None:
+                return self.packed.forward(requests, cached, lengths, sum(counts)), counts
+            return self._forward_padded(requests, cached, lengths), counts
+        finally:
+            cache.end_forward([r.slot for r in requests], [c + n for c, n in zip(cached, lengths)])
+
+    def _forward_padded(self, requests: Sequence[ForwardRequest], cached: list[int], lengths: list[int]) -> torch.Tensor:
+        cache = self.cache
         batch, q_len = len(requests), max(lengths)
         device = self.device
         input_ids = torch.zeros((batch, q_len), dtype=torch.long, device=device)
@@ -112,20 +161,17 @@ class ModelRunner:
         read_length = max(c + n for c, n in zip(cached, lengths))
         slots = [r.slot for r in requests]
         cache.begin_forward(write_slots, write_positions, slots, read_length)
-        try:
-            out = self.decoder(
-                input_ids=input_ids,
-                attention_mask=self._masks(cached, lengths, read_length, q_len),
-                position_ids=position_ids,
-                use_cache=True,
-                **{self._cache_argument: cache},
-            )
-        finally:
-            cache.end_forward(slots, [c + n for c, n in zip(cached, lengths)])
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=self._masks(cached, lengths, read_length, q_len),
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_argument: cache},
+        )
         hidden = out.last_hidden_state  # [B, Q, H]
         rows = torch.cat([torch.full((n - r.logits_from,), b) for b, (r, n) in enumerate(zip(requests, lengths))])
         cols = torch.cat([torch.arange(r.logits_from, n) for r, n in zip(requests, lengths)])
         logits = self.lm_head(hidden[rows.to(device), cols.to(device)]).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
-        return list(torch.split(logits, [n - r.logits_from for r, n in zip(requests, lengths)]))
+        return logits

@@ -30,9 +30,12 @@ def model() -> torch.nn.Module:
     return make_tiny_llama(VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, seed=3)
 
 
-@pytest.fixture
-def runner(model) -> ModelRunner:
-    return ModelRunner(model, NUM_SLOTS, MAX_TOKENS)
+@pytest.fixture(params=["packed", "padded"])
+def runner(model, request) -> ModelRunner:
+    """Both layouts of the runner must give the same logits (specmesh/model_runner.py)."""
+    runner = ModelRunner(model, NUM_SLOTS, MAX_TOKENS, packed=request.param == "packed")
+    assert (runner.packed is not None) == (request.param == "packed")
+    return runner
 
 
 def random_tokens(n: int, seed: int) -> list[int]:
@@ -226,7 +229,8 @@ def test_scratch_padding_never_leaks_into_real_slots(model, runner):
             for position in written.get(slot, ()):
                 expected[position] = True
             assert torch.equal(changed, expected), f"slot {slot}: positions {changed.nonzero().flatten().tolist()}"
-        assert not torch.equal(old[cache.scratch_slot], new[cache.scratch_slot])  # padding went there
+        if runner.packed is None:  # the packed layout has no padding outside CUDA graphs
+            assert not torch.equal(old[cache.scratch_slot], new[cache.scratch_slot])  # padding went there
 
 
 def test_sessions_do_not_see_each_other(model, runner):
@@ -332,3 +336,32 @@ def test_session_slots_idle_ttl(runner):
     now[0] = 12.0
     assert sessions.evict_idle() == ["old"]
     assert sessions.session_ids() == ["new"]
+
+
+# ---- the graphed shapes (bucketed, padded), run eagerly on CPU ----------------------------------
+def test_graph_buckets_match_full_forward(model):
+    """The CUDA-graph layout (tokens padded to a bucket, slot rows to a power of two, fixed query
+    grid and read length) emulated eagerly on CPU: same logits as the plain forward, and the
+    padding writes land in the scratch slot only."""
+    runner = ModelRunner(model, NUM_SLOTS, MAX_TOKENS, packed=True, cuda_graphs=True)
+    assert runner.packed is not None and runner.packed.graphs is not None
+    cache = runner.cache
+    slots = [cache.allocate() for _ in range(3)]
+    seqs = {slot: random_tokens(20 + 3 * i, seed=60 + i) for i, slot in enumerate(slots)}
+    # Prefill in pieces of 1-5 tokens per session (graph-sized), sessions at different lengths.
+    done = {slot: 0 for slot in slots}
+    rng = random.Random(7)
+    while any(done[s] < len(seqs[s]) for s in slots):
+        batch = []
+        for slot in slots:
+            if done[slot] < len(seqs[slot]) and rng.random() < 0.8:
+                n = min(rng.randint(1, 5), len(seqs[slot]) - done[slot])
+                batch.append((slot, done[slot], n))
+        if not batch:
+            continue
+        outs = runner.forward([ForwardRequest(s, seqs[s][start:start + n], logits_from=0) for s, start, n in batch])
+        for (slot, start, n), out in zip(batch, outs):
+            assert_close(out, full_logits(model, seqs[slot][: start + n])[start:], f"slot {slot} at {start}")
+            done[slot] = start + n
+    assert runner.packed.num_graph_forwards > 0
+    assert runner.packed.num_eager_forwards == 0

@@ -47,7 +47,12 @@ def num_uniforms(num_draft_tokens: int) -> int:
 
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: list[int]) -> Verdict:
     """target_logits: [n+1, V], row i predicts the token after draft i-1."""
-    argmax = target_logits.argmax(dim=-1).tolist()
+    return verify_greedy_argmax(target_logits.argmax(dim=-1).tolist(), draft_tokens)
+
+
+def verify_greedy_argmax(argmax: list[int], draft_tokens: list[int]) -> Verdict:
+    """The same from the target's argmax of each row (n+1 of them). A batch takes the argmax
+    of all its rows in one kernel and one transfer, then judges every session on the host."""
     for i, token in enumerate(draft_tokens):
         if token != argmax[i]:
             return Verdict(i, argmax[i])

@@ -14,7 +14,7 @@ from specmesh.errors import CapacityError, InvalidRequestError
 from specmesh.model_runner import ForwardRequest, ModelRunner
 from specmesh.records import VerifyItem, VerifyResult
 from specmesh.session_slots import SessionSlots
-from verifier.speculative_sampling import num_uniforms, verify_greedy, verify_sampled
+from verifier.speculative_sampling import num_uniforms, verify_greedy_argmax, verify_sampled
 
 RANDOM_STREAM = "verify"
 
@@ -79,16 +79,22 @@ class VerifierCore:
             tokens = (*item.new_tokens, *item.draft_tokens)
             forward.append((index, ForwardRequest(slot, tokens, logits_from=len(item.new_tokens) - 1)))
         if forward:
-            all_logits = self.runner.forward([request for _, request in forward])
-            for (index, request), logits in zip(forward, all_logits):
-                results[index] = self._judge(items[index], request.slot, logits)
+            logits, counts = self.runner.forward_flat([request for _, request in forward])
+            # Greedy sessions need only the argmax of their rows: one kernel and one transfer
+            # for the whole batch (no per-session synchronisation with the device).
+            argmax = logits.argmax(dim=-1).tolist() if any(items[i].params.greedy for i, _ in forward) else []
+            offset = 0
+            for (index, request), count in zip(forward, counts):
+                rows = slice(offset, offset + count)
+                results[index] = self._judge(items[index], request.slot, logits[rows], argmax[rows])
+                offset += count
         return [results[i] for i in range(len(items))]
 
-    def _judge(self, item: VerifyItem, slot: int, logits: torch.Tensor) -> VerifyResult:
-        """logits: [n+1, V] for one session."""
+    def _judge(self, item: VerifyItem, slot: int, logits: torch.Tensor, argmax: list[int]) -> VerifyResult:
+        """logits: [n+1, V] for one session; argmax: their argmax (greedy items)."""
         drafts = list(item.draft_tokens)
         if item.params.greedy:
-            verdict = verify_greedy(logits, drafts)
+            verdict = verify_greedy_argmax(argmax, drafts)
         else:
             generator = make_generator(item.params.seed, RANDOM_STREAM, item.committed_length)
             uniforms = torch.rand(num_uniforms(len(drafts)), generator=generator).to(logits.device)

@@ -1,0 +1,164 @@
+"""The runner's packed path: a ragged batch as one flat sequence, attention over slot rows.
+
+Everything one forward reads from the host goes to the device as ONE int64 array (one copy,
+asynchronous from pinned memory):
+
+    [input ids | positions | write slots | write positions | grid rows | grid columns |
+     logit token indices]      each `tokens` long, then
+    [row cached lengths | row query lengths]      each `rows` long
+
+Padding tokens (up to a bucket's size) write their K/V to the scratch slot and sit in the
+garbage column of the query grid; slot rows without a request have query length 0. The mask is
+built on the device from the row lengths, so a captured CUDA graph replays any batch of its
+shape bucket: decode-shaped forwards become one graph launch (specmesh/cuda_graphs.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from specmesh import slot_attention
+from specmesh.cuda_graphs import MAX_GRAPH_Q, GraphCache, GraphKey, pow2_at_least, token_bucket
+
+if TYPE_CHECKING:
+    from specmesh.model_runner import ForwardRequest, ModelRunner
+
+# Query grid width of graphed forwards: fixed per bucket so a few graphs serve every mix of
+# draft lengths (the attention over a wider grid costs next to nothing in decode).
+GRAPH_Q_BUCKET = 16
+MIN_GRAPH_READ_LENGTH = 128
+
+
+class PackedForward:
+    def __init__(self, runner: "ModelRunner", kv_group: int, *, cuda_graphs: bool) -> None:
+        self.runner = runner
+        self.kv_group = kv_group
+        self.graphs: GraphCache | None = None
+        if cuda_graphs:
+            self.graphs = GraphCache(self._graph_step, self._dummy_inputs, runner.vocab_size, runner.dtype,
+                                     runner.device)
+        self.num_graph_forwards = 0
+        self.num_eager_forwards = 0
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def host_inputs(self, requests: Sequence["ForwardRequest"], cached: Sequence[int], lengths: Sequence[int],
+                    key: GraphKey) -> np.ndarray:
+        n, rows = key.tokens, key.rows
+        out = np.zeros(key.input_size, dtype=np.int64)
+        out[2 * n: 3 * n] = self.runner.cache.scratch_slot
+        out[5 * n: 6 * n] = key.q_len - 1
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        columns: list[int] = []
+        logit_rows: list[int] = []
+        row_cached = out[7 * n: 7 * n + rows]
+        row_q = out[7 * n + rows: 7 * n + 2 * rows]
+        offset = 0
+        for r, c, length in zip(requests, cached, lengths):
+            ids.extend(r.tokens)
+            positions.extend(range(c, c + length))
+            slots.extend([r.slot] * length)
+            columns.extend(range(length))
+            logit_rows.extend(range(offset + r.logits_from, offset + length))
+            row_cached[r.slot] = c
+            row_q[r.slot] = length
+            offset += length
+        out[0:offset] = ids
+        out[n: n + offset] = positions
+        out[2 * n: 2 * n + offset] = slots
+        out[3 * n: 3 * n + offset] = positions
+        out[4 * n: 4 * n + offset] = slots
+        out[5 * n: 5 * n + offset] = columns
+        out[6 * n: 6 * n + len(logit_rows)] = logit_rows
+        return out
+
+    def _dummy_inputs(self, key: GraphKey) -> torch.Tensor:
+        """All padding (touches no session): what graphs are warmed up and captured with."""
+        return torch.from_numpy(self.host_inputs([], [], [], key)).to(self.runner.device)
+
+    # ---- the forward ----------------------------------------------------------------------
+    def run(self, inputs: torch.Tensor, key: GraphKey) -> torch.Tensor:
+        """The decoder over device `inputs` laid out for `key`; returns hidden states [N, H]."""
+        runner = self.runner
+        n, rows = key.tokens, key.rows
+        field = lambda i: inputs[i * n: (i + 1) * n]  # noqa: E731
+        row_cached = inputs[7 * n: 7 * n + rows]
+        row_q = inputs[7 * n + rows: 7 * n + 2 * rows]
+        mask = slot_attention.build_packed_mask(row_cached, row_q, key.q_len, key.read_length, self.kv_group,
+                                                runner.dtype)
+        runner.cache.begin_packed_forward(field(2).view(1, n), field(3).view(1, n), rows, key.read_length)
+        try:
+            with slot_attention.active_batch(slot_attention.PackedBatch(field(4), field(5), rows, key.q_len)):
+                out = runner.decoder(
+                    input_ids=field(0).view(1, n),
+                    attention_mask=mask,
+                    position_ids=field(1).view(1, n),
+                    use_cache=True,
+                    **{runner._cache_argument: runner.cache},
+                )
+        finally:
+            runner.cache.end_forward([], [])  # lengths are the caller's to set
+        return out.last_hidden_state[0]
+
+    def _graph_step(self, inputs: torch.Tensor, key: GraphKey, logits_out: torch.Tensor) -> None:
+        """What a graph captures: the forward and the LM head of every token row, written into
+        the shared logits buffer [N, V]."""
+        hidden = self.run(inputs, key)
+        head = self.runner.lm_head
+        torch.mm(hidden, head.weight.t(), out=logits_out)
+        if getattr(head, "bias", None) is not None:
+            logits_out.add_(head.bias)
+        softcap = self.runner._softcap
+        if softcap:
+            logits_out.div_(softcap).tanh_().mul_(softcap)
+
+    def graph_key(self, num_tokens: int, highest_slot: int, q_max: int, read_length: int) -> GraphKey | None:
+        if self.graphs is None or q_max > MAX_GRAPH_Q:
+            return None
+        cache = self.runner.cache
+        key = GraphKey(token_bucket(num_tokens), min(pow2_at_least(highest_slot + 1), cache.num_slots),
+                       pow2_at_least(q_max, GRAPH_Q_BUCKET) + 1,
+                       min(pow2_at_least(read_length, MIN_GRAPH_READ_LENGTH), cache.max_tokens))
+        return key if self.graphs.fits(key) else None
+
+    def forward(self, requests: Sequence["ForwardRequest"], cached: list[int], lengths: list[int],
+                num_logits: int) -> torch.Tensor:
+        """Logits [num_logits, V] float32 for the requested rows, request after request."""
+        runner = self.runner
+        total, q_max = sum(lengths), max(lengths)
+        highest = max(r.slot for r in requests)
+        read_length = max(c + n for c, n in zip(cached, lengths))
+        on_cuda = runner.device.type == "cuda"
+        key = self.graph_key(total, highest, q_max, read_length)
+        if key is not None:
+            host = torch.from_numpy(self.host_inputs(requests, cached, lengths, key))
+            if self.graphs.replay(key, host.pin_memory() if on_cuda else host):
+                self.num_graph_forwards += 1
+                rows = self.graphs.inputs[6 * key.tokens: 6 * key.tokens + num_logits]
+                # A copy: the shared buffer belongs to the next replay.
+                return self.graphs.logits.index_select(0, rows).float()
+        self.num_eager_forwards += 1
+        key = GraphKey(total, highest + 1, q_max + 1, read_length)
+        host = torch.from_numpy(self.host_inputs(requests, cached, lengths, key))
+        inputs = host.pin_memory().to(runner.device, non_blocking=True) if on_cuda else host
+        hidden = self.run(inputs, key).index_select(0, inputs[6 * total: 6 * total + num_logits])
+        logits = runner.lm_head(hidden).float()
+        if runner._softcap:
+            logits = torch.tanh(logits / runner._softcap) * runner._softcap
+        return logits
+
+    def capture(self, token_counts: Sequence[int], rows: Sequence[int], read_lengths: Sequence[int]) -> int:
+        """Capture the graphs of these shapes now (start-up), so that the first requests of a
+        shape do not pay for it. Returns how many graphs exist."""
+        if self.graphs is None:
+            return 0
+        keys = {self.graph_key(n, r - 1, 1, length) for n in token_counts for r in rows for length in read_lengths
+                if n >= 1 and r >= 1}
+        with torch.inference_mode():
+            for key in sorted(k for k in keys if k is not None):
+                self.graphs.get(key)
+        return len(self.graphs)
