@@ -65,6 +65,10 @@ def main(
     grace_s: float = typer.Option(5.0, "--grace-s", envvar=_env("grace_s"),
                                   help="Seconds in-flight calls get to finish on SIGTERM."),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar=_env("verbose"), help="Debug logging."),
+    metrics_port: int = typer.Option(0, "--metrics-port", envvar=_env("metrics_port"),
+                                     help="Serve Prometheus /metrics on this port (0 = off)."),
+    trace_file: str = typer.Option("", "--trace-file", envvar="SPECMESH_TRACE_FILE",
+                                   help="Append OTLP JSON trace lines here (for specmesh tune); OTEL_* also apply."),
 ) -> None:
     """Run one drafter replica until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
@@ -76,6 +80,7 @@ def main(
             max_context=max_context, draft_top_k=draft_top_k, max_draft_tokens=max_draft_tokens,
             idle_ttl_s=idle_ttl_s, draft_ahead_tokens=draft_ahead_tokens, batch_wait_ms=batch_wait_ms,
             dtype=dtype, device=device, profile_batch_sizes=_parse_sizes(profile_batch_sizes), grace_s=grace_s,
+            metrics_port=metrics_port,
         )
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
@@ -84,6 +89,9 @@ def main(
     from drafter.server import serve
     from specmesh.errors import SpecmeshError
 
+    from specmesh.telemetry import setup_telemetry
+
+    setup_telemetry("drafter", trace_file or None)
     try:
         asyncio.run(serve(config))
     except SpecmeshError as error:

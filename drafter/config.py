@@ -37,6 +37,7 @@ class DrafterConfig:
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     profile_batch_sizes: tuple[int, ...] = DEFAULT_PROFILE_BATCH_SIZES
     grace_s: float = 5.0  # in-flight calls get this long to finish on SIGTERM
+    metrics_port: int = 0  # serve Prometheus /metrics on host:metrics_port; 0 = off
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -69,6 +70,8 @@ class DrafterConfig:
             problems.append(f"profile_batch_sizes must be positive sizes, got {self.profile_batch_sizes}")
         if self.grace_s < 0:
             problems.append(f"grace_s must be >= 0, got {self.grace_s}")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if problems:
             raise ValueError("invalid drafter config: " + "; ".join(problems))
 

@@ -39,6 +39,7 @@ def sync_from_proto(sync: drafter_pb2.DraftSync) -> DraftRequest:
         new_tokens=tuple(sync.new_tokens),
         num_draft_tokens=sync.num_tokens,
         params=sampling_from_proto(sync.sampling),
+        trace_context=dict(sync.trace_context),
     )
 
 

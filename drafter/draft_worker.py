@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from specmesh import metrics, telemetry
 from specmesh.errors import CapacityError, InvalidRequestError, SpecmeshError
 from specmesh.records import DraftChunk, DraftRequest
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # How many recent draft batches the history keeps (for stats and tests).
 HISTORY_LENGTH = 1024
+# One span per answered sync, child of the scheduler's round span (DraftSync.trace_context).
+DRAFT_SPAN = "specmesh.drafter.draft"
 
 
 class WorkerClosedError(SpecmeshError):
@@ -72,6 +75,7 @@ class _SyncJob:
     deliver: Callable[[SyncOutcome], None]  # called on the event loop
     is_cancelled: Callable[[], bool]  # the asker went away: skip the work
     arrived: float
+    arrived_ns: int = 0  # wall clock, for the span's start (only when tracing is on)
 
 
 @dataclass
@@ -112,6 +116,8 @@ class DraftWorker:
         self._in_flight = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=HISTORY_LENGTH)
         self.num_ahead_steps = 0
+        self._queue_depth = metrics.GaugeShare(metrics.DRAFTER_QUEUE_DEPTH)
+        self._active_sessions = metrics.GaugeShare(metrics.DRAFTER_ACTIVE_SESSIONS)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +125,8 @@ class DraftWorker:
 
     async def close(self) -> None:
         self._closed = True
+        self._queue_depth.clear()
+        self._active_sessions.clear()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -144,7 +152,9 @@ class DraftWorker:
             request = dataclasses.replace(request, num_draft_tokens=self.max_draft_tokens)
         self._ahead.pop(request.session_id, None)  # superseded: the sync decides what stays
         self._queued_syncs[request.session_id] += 1
-        self._queue.append(_SyncJob(request, deliver, is_cancelled, self._clock()))
+        self._queue.append(_SyncJob(request, deliver, is_cancelled, self._clock(),
+                                    time.time_ns() if telemetry.enabled() else 0))
+        self._queue_depth.set(len(self._queue))
         self._wakeup.set()
 
     def submit_release(self, session_ids: Sequence[str]) -> asyncio.Future:
@@ -153,6 +163,7 @@ class DraftWorker:
             raise WorkerClosedError("the drafter is shutting down")
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_ReleaseJob(tuple(session_ids), future))
+        self._queue_depth.set(len(self._queue))
         self._wakeup.set()
         return future
 
@@ -227,6 +238,7 @@ class DraftWorker:
                 continue
             batch.append(job)
             sessions.add(sid)
+        self._queue_depth.set(len(self._queue))
         return batch
 
     def _release_now(self, job: _ReleaseJob) -> None:
@@ -247,10 +259,14 @@ class DraftWorker:
         requests = [job.request for job in batch]
         self._in_flight = len(requests)
         self.batch_sizes.append(len(requests))
+        started = self._clock()
         try:
             outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._draft_batch, requests)
         finally:
             self._in_flight = 0
+        forward_s = self._clock() - started
+        _record_batch(batch, outcomes, started, forward_s)
+        self._active_sessions.set(self.core.num_sessions)
         for job, outcome in zip(batch, outcomes):
             if job.is_cancelled():
                 continue
@@ -310,3 +326,33 @@ class DraftWorker:
                 del self._ahead[sid]
             else:
                 self._ahead[sid] = left
+
+
+def _record_batch(batch: list[_SyncJob], outcomes: list[SyncOutcome], started: float, forward_s: float) -> None:
+    """Metrics of one draft batch, and (tracing on) a span per sync under its round span."""
+    metrics.DRAFTER_BATCH_SESSIONS.observe(len(batch))
+    tracer = telemetry.tracer("drafter") if telemetry.enabled() else None
+    for job, outcome in zip(batch, outcomes):
+        queue_wait = max(started - job.arrived, 0.0)
+        metrics.DRAFTER_QUEUE_WAIT.observe(queue_wait)
+        metrics.DRAFTER_DRAFT_TOKENS.inc(len(outcome.chunk.tokens))
+        if outcome.status is SyncStatus.CACHE_MISS:
+            metrics.DRAFTER_CACHE_MISSES.inc()
+        if tracer is None:
+            continue
+        request = job.request
+        span = tracer.start_span(DRAFT_SPAN, context=telemetry.context_from(request.trace_context),
+                                 start_time=job.arrived_ns or None, attributes={
+                                     "specmesh.session.id": request.session_id,
+                                     "specmesh.draft.requested": request.num_draft_tokens,
+                                     "specmesh.draft.tokens": len(outcome.chunk.tokens),
+                                     "specmesh.draft.status": outcome.status.value,
+                                     "specmesh.draft.batch_size": len(batch),
+                                     "specmesh.draft.queue_wait_s": queue_wait,
+                                     "specmesh.draft.forward_s": forward_s,
+                                     "specmesh.draft.num_cached_tokens": request.num_cached_tokens,
+                                     "specmesh.draft.new_tokens": len(request.new_tokens),
+                                 })
+        if outcome.status in (SyncStatus.INVALID, SyncStatus.CAPACITY):
+            span.set_status(telemetry.trace.Status(telemetry.trace.StatusCode.ERROR, outcome.error_message))
+        span.end()

@@ -14,6 +14,7 @@ from drafter.loading import LoadedDrafter, load_drafter
 from drafter.profiling import DrafterProfile, build_profile
 from drafter.servicer import DrafterServicer
 from specmesh.grpc_server import GrpcService
+from specmesh.metrics import serve_metrics_for
 from specmesh.v1 import drafter_pb2, drafter_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ async def start_drafter(config: DrafterConfig, *, drafter_core: Any = None, toke
     worker.start()
     servicer.attach(worker, profile)
     service.on_stop(worker.close)
+    serve_metrics_for(service, config.metrics_port, config.host)
     await service.set_serving()
     log.info("drafter %s ready (cost table of %d rows, draft-ahead %d tokens)", profile.model_name,
              len(profile.cost_table), worker.draft_ahead_tokens)

@@ -33,13 +33,17 @@ def main(
     grace_s: float = typer.Option(5.0, envvar="SPECMESH_GATEWAY_GRACE_S",
                                   help="On SIGTERM, in-flight requests get this long to finish."),
     log_level: str = typer.Option("INFO", envvar="SPECMESH_LOG_LEVEL"),
+    trace_file: str = typer.Option("", envvar="SPECMESH_TRACE_FILE",
+                                   help="Append OTLP JSON trace lines here (specmesh tune); OTEL_* also apply."),
 ) -> None:
     """Run the gateway: the public specmesh.v1.Generation API in front of the scheduler."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s gateway %(name)s: %(message)s")
     from gateway.config import GatewayConfig
     from gateway.server import run
+    from specmesh.telemetry import setup_telemetry
 
+    setup_telemetry("gateway", trace_file or None)  # tracing (specmesh/telemetry.py); off unless asked for
     run(GatewayConfig(
         model=model, scheduler=scheduler, host=host, port=port, max_tokens_default=max_tokens_default,
         max_tokens_limit=max_tokens_limit, temperature_default=temperature_default,

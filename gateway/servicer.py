@@ -16,6 +16,7 @@ from grpc import aio
 from gateway import convert
 from gateway.generation import GenerationPipeline
 from specmesh.grpc_errors import NoBackendError
+from specmesh.request_telemetry import observe_request
 from specmesh.v1 import generation_pb2, generation_pb2_grpc
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -37,5 +38,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         record = convert.request_from_proto(request)
         if not record.request_id:
             record = dataclasses.replace(record, request_id=uuid.uuid4().hex)
-        async for response in self.pipeline.run(record, timeout_s=context.time_remaining()):
+        # observe_request: the request span (specmesh.gateway.request) and TTFT/TPOT/e2e metrics.
+        async for response in observe_request(self.pipeline.run(record, timeout_s=context.time_remaining()), "grpc"):
             yield convert.response_to_proto(response)

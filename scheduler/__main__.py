@@ -35,19 +35,25 @@ def main(
     replica_cooldown_s: float = typer.Option(5.0, envvar="SPECMESH_SCHEDULER_REPLICA_COOLDOWN_S"),
     grace_s: float = typer.Option(5.0, envvar="SPECMESH_SCHEDULER_GRACE_S"),
     log_level: str = typer.Option("INFO", envvar="SPECMESH_LOG_LEVEL"),
+    metrics_port: int = typer.Option(0, envvar="SPECMESH_SCHEDULER_METRICS_PORT",
+                                     help="Serve Prometheus /metrics on this port (0 = off)."),
+    trace_file: str = typer.Option("", envvar="SPECMESH_TRACE_FILE",
+                                   help="Append OTLP JSON trace lines here (for specmesh tune); OTEL_* also apply."),
 ) -> None:
     """Run the scheduler: owns sessions and runs the speculation loop over drafter and verifier pools."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s scheduler %(name)s: %(message)s")
     from scheduler.config import SchedulerConfig
     from scheduler.server import run
+    from specmesh.telemetry import setup_telemetry
 
+    setup_telemetry("scheduler", trace_file or None)
     run(SchedulerConfig(
         verifiers=_split(verifiers), drafters=_split(drafters), host=host, port=port, policy=policy,
         draft_length=draft_length, max_draft_tokens=max_draft_tokens, redis_url=redis_url or None,
         max_batch_sessions=max_batch_sessions, max_tokens_limit=max_tokens_limit,
         verify_timeout_s=verify_timeout_s, draft_timeout_s=draft_timeout_s, connect_wait_s=connect_wait_s,
-        replica_cooldown_s=replica_cooldown_s, grace_s=grace_s,
+        replica_cooldown_s=replica_cooldown_s, grace_s=grace_s, metrics_port=metrics_port,
     ))
 
 

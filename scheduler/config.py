@@ -22,6 +22,7 @@ class SchedulerConfig:
     connect_wait_s: float = 300.0  # how long start-up waits for a first verifier
     replica_cooldown_s: float = 5.0  # a failed replica is retried after this
     grace_s: float = 5.0
+    metrics_port: int = 0  # serve Prometheus /metrics on host:metrics_port; 0 = off
 
     def __post_init__(self) -> None:
         if self.policy not in ("adaptive", "fixed"):

@@ -43,6 +43,7 @@ def verify_request(items: Sequence[VerifyItem], prompt_lengths: dict[str, int]) 
             sampling=sampling_to_proto(item.params),
             num_generated_tokens=item.committed_length - prompt_lengths.get(item.session_id, 0),
             want_logprobs=item.want_logprobs,
+            trace_context=item.trace_context,
         )
         for item in items
     ])
@@ -76,6 +77,7 @@ def draft_request(request: DraftRequest, sequence: int, num_generated: int) -> d
         session_id=request.session_id, num_cached_tokens=request.num_cached_tokens,
         new_tokens=request.new_tokens, num_tokens=request.num_draft_tokens,
         sampling=sampling_to_proto(request.params), num_generated_tokens=num_generated,
+        trace_context=request.trace_context,
     ))
 
 

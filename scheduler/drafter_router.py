@@ -16,6 +16,7 @@ from typing import Sequence
 
 from scheduler.backends import BackendUnavailable
 from scheduler.replica_pool import ReplicaPool
+from specmesh.metrics import SCHEDULER_FAILOVERS
 from specmesh.records import DraftChunk, DraftRequest
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class DrafterRouter:
         self.assignment[session_id] = endpoint
         if previous is not None and previous != endpoint:
             self.num_failovers += 1
+            SCHEDULER_FAILOVERS.labels(backend="drafter").inc()
         return endpoint
 
     async def draft(self, requests: Sequence[DraftRequest]) -> list[DraftChunk]:

@@ -15,6 +15,7 @@ from scheduler.remote_verifier import RemoteVerifier
 from scheduler.replica_pool import ReplicaPool, StaticEndpoints
 from scheduler.servicer import SchedulerServicer
 from specmesh.grpc_server import GrpcService
+from specmesh.metrics import serve_metrics_for
 from specmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ async def start_scheduler(config: SchedulerConfig) -> RunningScheduler:
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(coordinator), service.server)
     service.on_stop(coordinator.close)
     await service.start()
+    serve_metrics_for(service, config.metrics_port, config.host)
     await coordinator.connect(wait_s=config.connect_wait_s)
     await service.set_serving()
     return RunningScheduler(service, coordinator)

@@ -145,6 +145,9 @@ def up(
     policy: str = typer.Option("adaptive", help="Scheduler policy: adaptive or fixed."),
     draft_length: int = typer.Option(4, "--draft-length", help="Draft length of the fixed policy."),
     log_dir: str | None = typer.Option(None, "--log-dir", help="Write each service's log to DIR/<service>.log."),
+    trace_file: str | None = typer.Option(None, "--trace-file",
+                                          help="Every service appends its spans here (OTLP JSON lines) for "
+                                               "`specmesh tune`."),
 ) -> None:
     """Start gateway, scheduler, drafter and verifier as separate processes on loopback."""
     from pathlib import Path
@@ -152,7 +155,8 @@ def up(
     from specmesh.local_cluster import ClusterStartError, LocalCluster
 
     cluster = LocalCluster(verifier=verifier, drafter=drafter, port=port, draft_length=draft_length,
-                           policy=policy, redis_url=redis_url, log_dir=Path(log_dir) if log_dir else None)
+                           policy=policy, redis_url=redis_url, log_dir=Path(log_dir) if log_dir else None,
+                           trace_file=Path(trace_file) if trace_file else None)
     typer.echo("specmesh up: starting verifier, drafter, scheduler, gateway ...", err=True)
     try:
         cluster.start()
@@ -218,6 +222,35 @@ def bench(
         with open(json_out, "w") as handle:
             json.dump(to_json(summaries, meta), handle, indent=2)
     typer.echo(format_table(summaries))
+
+
+@app.command()
+def tune(
+    traces: list[str] = typer.Argument(..., help="OTLP JSON lines trace files (--trace-file output), or directories."),
+    plot: str | None = typer.Option(None, "--plot", help="Also draw the calibration and speedup curves to this PNG."),
+    max_draft_length: int = typer.Option(12, "--max-draft-length", help="Longest fixed draft length to model."),
+) -> None:
+    """Read exported traces; report acceptance by position and confidence, chosen verify length
+    versus load, expected speedup per fixed draft length versus what the scheduler achieved,
+    and recommended settings."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from specmesh.tune import analyze, load_spans
+    from specmesh.tune_output import plot_report, print_report
+
+    try:
+        with Progress(TextColumn("reading traces"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("read", total=None)
+            spans = load_spans(traces, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except (OSError, ValueError) as error:
+        _fail(error)
+    report = analyze(spans, max_fixed_length=max_draft_length)
+    print_report(report, Console(width=max(Console().width, 100)))
+    if plot:
+        plot_report(report, plot)
+        typer.echo(f"plot written to {plot}", err=True)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from specmesh import telemetry
 from specmesh.grpc_errors import ErrorMappingInterceptor
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,11 @@ class GrpcService:
 
     def __init__(self, host: str, port: int, service_names: Sequence[str], grace_s: float = 5.0,
                  interceptors: Sequence[aio.ServerInterceptor] = ()) -> None:
-        self.server = aio.server(interceptors=[*interceptors, ErrorMappingInterceptor()], options=SERVER_OPTIONS)
+        # Tracing first (outermost): the server span covers the error mapping too. Without
+        # tracing set up (telemetry.setup_telemetry) the list is empty and costs nothing.
+        self.server = aio.server(
+            interceptors=[*telemetry.server_interceptors(), *interceptors, ErrorMappingInterceptor()],
+            options=SERVER_OPTIONS)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
@@ -104,4 +109,7 @@ class GrpcService:
 
 
 def insecure_channel(target: str) -> aio.Channel:
-    return aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    """A channel to another specmesh service; with tracing on, every call carries the
+    caller's trace context in its metadata (and gets a client span)."""
+    return aio.insecure_channel(target, options=CHANNEL_OPTIONS,
+                                interceptors=telemetry.client_interceptors() or None)

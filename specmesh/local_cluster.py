@@ -80,6 +80,8 @@ class LocalCluster:
     start_timeout_s: float = 600.0
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Every service appends its spans (OTLP JSON lines) here; `specmesh tune` reads it.
+    trace_file: Path | None = None
     services: list[ServiceProcess] = field(default_factory=list)
 
     @property
@@ -89,6 +91,8 @@ class LocalCluster:
     def _spawn(self, name: str, port: int, args: list[str]) -> ServiceProcess:
         command = [sys.executable, "-m", "specmesh.cli", "serve", name, "--host", LOOPBACK, "--port", str(port), *args]
         env = {**os.environ, **self.extra_env}
+        if self.trace_file is not None:
+            env["SPECMESH_TRACE_FILE"] = str(Path(self.trace_file).resolve())
         # Idle OpenMP workers must sleep, not spin: four processes share these cores.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if name != "verifier":

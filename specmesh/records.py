@@ -42,6 +42,9 @@ class DraftRequest:
     new_tokens: tuple[int, ...]
     num_draft_tokens: int
     params: SamplingParams
+    # W3C trace-context headers of the scheduler's round span (empty: tracing off); never
+    # part of equality, it only says where the drafter's span belongs.
+    trace_context: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,9 @@ class VerifyItem:
     draft_distributions: tuple[SparseDistribution, ...]
     params: SamplingParams
     want_logprobs: bool = False
+    # W3C trace-context headers of the scheduler's round span (empty: tracing off); the
+    # verifier links its batch span to it. Never part of equality.
+    trace_context: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def committed_length(self) -> int:

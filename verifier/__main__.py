@@ -56,6 +56,10 @@ def main(
     grace_s: float = typer.Option(5.0, "--grace-s", envvar=_env("grace_s"),
                                   help="Seconds in-flight calls get to finish on SIGTERM."),
     verbose: bool = typer.Option(False, "--verbose", "-v", envvar=_env("verbose"), help="Debug logging."),
+    metrics_port: int = typer.Option(0, "--metrics-port", envvar=_env("metrics_port"),
+                                     help="Serve Prometheus /metrics on this port (0 = off)."),
+    trace_file: str = typer.Option("", "--trace-file", envvar="SPECMESH_TRACE_FILE",
+                                   help="Append OTLP JSON trace lines here (for specmesh tune); OTEL_* also apply."),
 ) -> None:
     """Run one verifier replica until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
@@ -67,6 +71,7 @@ def main(
             model=model, host=host, port=port, num_slots=num_slots, max_context=max_context, dtype=dtype,
             device=device, idle_ttl_s=idle_ttl_s, batch_wait_ms=batch_wait_ms, max_batch_tokens=max_batch_tokens,
             profile_batch_tokens=_parse_sizes(profile_batch_tokens), grace_s=grace_s,
+            metrics_port=metrics_port,
         )
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
@@ -79,6 +84,9 @@ def main(
 
     transformers_logging.disable_progress_bar()  # a progress bar per load is noise in pod logs
 
+    from specmesh.telemetry import setup_telemetry
+
+    setup_telemetry("verifier", trace_file or None)
     try:
         asyncio.run(serve(config))
     except SpecmeshError as error:

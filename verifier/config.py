@@ -29,6 +29,7 @@ class VerifierConfig:
     max_batch_tokens: int = 1024
     profile_batch_tokens: tuple[int, ...] = DEFAULT_PROFILE_BATCH_TOKENS
     grace_s: float = 5.0  # in-flight calls get this long to finish on SIGTERM
+    metrics_port: int = 0  # serve Prometheus /metrics on host:metrics_port; 0 = off
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -54,6 +55,8 @@ class VerifierConfig:
             problems.append(f"profile_batch_tokens must be positive sizes, got {self.profile_batch_tokens}")
         if self.grace_s < 0:
             problems.append(f"grace_s must be >= 0, got {self.grace_s}")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if problems:
             raise ValueError("invalid verifier config: " + "; ".join(problems))
 

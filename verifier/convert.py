@@ -81,6 +81,7 @@ def item_from_proto(message: verifier_pb2.VerifyItem) -> VerifyItem:
         draft_distributions=tuple(distribution_from_proto(d) for d in message.draft_distributions),
         params=sampling_from_proto(message.sampling),
         want_logprobs=message.want_logprobs,
+        trace_context=dict(message.trace_context),
     )
 
 
@@ -98,6 +99,7 @@ def item_to_proto(item: VerifyItem, num_generated_tokens: int = 0) -> verifier_p
         sampling=sampling_to_proto(item.params),
         num_generated_tokens=num_generated_tokens,
         want_logprobs=item.want_logprobs,
+        trace_context=item.trace_context,
     )
 
 

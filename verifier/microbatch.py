@@ -29,8 +29,12 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from specmesh import metrics, telemetry
 from specmesh.errors import SpecmeshError
 from specmesh.records import VerifyItem, VerifyResult
 from verifier.call_validation import RefusedItem, validate_call
@@ -43,6 +47,8 @@ ItemOutcome = VerifyResult | RefusedItem
 
 # How many recent forwards the batch-size history keeps (for stats and tests).
 HISTORY_LENGTH = 1024
+# One span per batched forward, linked to the round span of every session in it.
+BATCH_SPAN = "specmesh.verifier.batch"
 
 
 class BatcherClosedError(SpecmeshError):
@@ -83,6 +89,7 @@ class _Call:
     arrived: float  # event-loop time
     future: asyncio.Future[_PassResult]
     passed_over: bool = False  # left out of a full forward: it has waited its turn already
+    trace_parent: Any = None  # the caller's context (its server span) when tracing is on
 
 
 def _tokens_of(item: VerifyItem) -> int:
@@ -110,6 +117,8 @@ class VerifyBatcher:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._in_flight = 0
+        self._queue_depth = metrics.GaugeShare(metrics.VERIFIER_QUEUE_DEPTH)
+        self._active_sessions = metrics.GaugeShare(metrics.VERIFIER_ACTIVE_SESSIONS)
         self._snapshot = self._measure_load()
         # Records, for stats and tests.
         self.num_forwards = 0
@@ -137,12 +146,14 @@ class VerifyBatcher:
             tokens=sum(_tokens_of(item) for item in admitted),
             arrived=loop.time(),
             future=loop.create_future(),
+            trace_parent=otel_context.get_current() if telemetry.enabled() else None,
         )
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="verify-batcher")
         self._in_flight += 1
         try:
             self._queue.append(call)
+            self._queue_depth.set(len(self._queue))
             self._wake.set()
             passed = await call.future  # a cancelled caller cancels the future: it is skipped
         finally:
@@ -173,6 +184,8 @@ class VerifyBatcher:
         if self._closed:
             return
         self._closed = True
+        self._queue_depth.clear()
+        self._active_sessions.clear()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -196,6 +209,8 @@ class VerifyBatcher:
         slots = self.core.slots
         cache = self.core.runner.cache
         cached = sum(slots.cached_length(session_id) for session_id in slots.session_ids())
+        if not self._closed:
+            self._active_sessions.set(len(slots))
         return LoadSnapshot(len(slots), cached, cache.num_slots * cache.max_tokens)
 
     def _verify(self, items: list[VerifyItem]) -> _PassResult:
@@ -275,17 +290,25 @@ class VerifyBatcher:
             batch.append(call)
             tokens += call.tokens
             sessions |= call.session_ids
+        self._queue_depth.set(len(self._queue))
         return batch
 
     async def _forward(self, batch: list[_Call]) -> None:
         items = [item for call in batch for item in call.items]
+        now = asyncio.get_running_loop().time()
+        queue_wait = max(now - call.arrived for call in batch)
+        for call in batch:
+            metrics.VERIFIER_QUEUE_WAIT.observe(now - call.arrived)
+        span = _start_batch_span(batch, items, queue_wait) if telemetry.enabled() else None
         try:
             passed = await self.run_exclusive(self._verify, items)
         except asyncio.CancelledError:  # close() while this forward ran: nobody may hang
+            _end_batch_span(span, error="cancelled: the verifier is shutting down")
             for call in batch:
                 _settle(call.future, error=BatcherClosedError("the verifier is shutting down"))
             raise
         except Exception as error:  # noqa: BLE001 - handed to the callers
+            _end_batch_span(span, error=f"{type(error).__name__}: {error}")
             if len(batch) > 1:
                 # Isolation: retry each call alone so only the call at fault fails. Retrying is
                 # safe: every item restates its cached length, and sync rolls the slot back to it.
@@ -298,11 +321,51 @@ class VerifyBatcher:
         self.num_forwards += 1
         self.batch_tokens_history.append(passed.batch_tokens)
         self.calls_per_forward_history.append(len(batch))
+        _record_batch(span, items, passed)
         start = 0
         for call in batch:
             end = start + len(call.items)
             _settle(call.future, _PassResult(passed.results[start:end], passed.forward_seconds, passed.batch_tokens))
             start = end
+
+
+def _start_batch_span(batch: list[_Call], items: list[VerifyItem], queue_wait_s: float) -> trace.Span:
+    """The forward's span: a child of the first merged call's server span, linked to the round
+    span of every session in the batch (their contexts came in VerifyItem.trace_context)."""
+    links = telemetry.links_to(
+        (item.trace_context, {"specmesh.session.id": item.session_id,
+                              "specmesh.round.verify_length": len(item.draft_tokens)})
+        for item in items)
+    return telemetry.tracer("verifier").start_span(BATCH_SPAN, context=batch[0].trace_parent, links=links, attributes={
+        "specmesh.batch.sessions": len(items),
+        "specmesh.batch.calls": len(batch),
+        "specmesh.batch.draft_tokens": sum(len(item.draft_tokens) for item in items),
+        "specmesh.batch.queue_wait_s": queue_wait_s,
+        "specmesh.batch.session_ids": [item.session_id for item in items],
+    })
+
+
+def _end_batch_span(span: trace.Span | None, error: str) -> None:
+    if span is not None:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error))
+        span.end()
+
+
+def _record_batch(span: trace.Span | None, items: list[VerifyItem], passed: _PassResult) -> None:
+    misses = sum(1 for r in passed.results if r.cache_miss)
+    metrics.VERIFIER_BATCH_TOKENS.observe(passed.batch_tokens)
+    metrics.VERIFIER_BATCH_SESSIONS.observe(len(items))
+    metrics.VERIFIER_FORWARD_SECONDS.observe(passed.forward_seconds)
+    if misses:
+        metrics.VERIFIER_CACHE_MISSES.inc(misses)
+    if span is not None:
+        span.set_attributes({
+            "specmesh.batch.tokens": passed.batch_tokens,
+            "specmesh.batch.forward_s": passed.forward_seconds,
+            "specmesh.batch.accepted_tokens": sum(r.accepted_count for r in passed.results if not r.cache_miss),
+            "specmesh.batch.cache_misses": misses,
+        })
+        span.end()
 
 
 def _settle(future: asyncio.Future, result: _PassResult | None = None, error: BaseException | None = None) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from specmesh.grpc_server import GrpcService
+from specmesh.metrics import serve_metrics_for
 from specmesh.model_loading import load_causal_lm, tokenizer_fingerprint
 from specmesh.model_runner import ModelRunner
 from specmesh.v1 import verifier_pb2_grpc
@@ -108,6 +109,7 @@ async def start_verifier(config: VerifierConfig, *, model: Any = None, tokenizer
         await batcher.close()
 
     service.on_stop(shut_down)
+    serve_metrics_for(service, config.metrics_port, config.host)
     await service.set_serving()
     return RunningVerifier(config, service, core, batcher, profile)
 

@@ -18,20 +18,29 @@ class DraftRequest(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., sync: _Optional[_Union[DraftSync, _Mapping]] = ..., release: _Optional[_Union[DraftRelease, _Mapping]] = ...) -> None: ...
 
 class DraftSync(_message.Message):
-    __slots__ = ("session_id", "num_cached_tokens", "new_tokens", "num_tokens", "sampling", "num_generated_tokens")
+    __slots__ = ("session_id", "num_cached_tokens", "new_tokens", "num_tokens", "sampling", "num_generated_tokens", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     num_cached_tokens: int
     new_tokens: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: int
     sampling: _common_pb2.SamplingParams
     num_generated_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated_tokens: _Optional[int] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DraftRelease(_message.Message):
     __slots__ = ("session_id",)

@@ -25,21 +25,25 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecmesh/v1/verifier.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"7\n\rVerifyRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.specmesh.v1.VerifyItem\"\x87\x02\n\nVerifyItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x12\n\nnew_tokens\x18\x03 \x03(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x03(\x05\x12<\n\x13\x64raft_distributions\x18\x05 \x03(\x0b\x32\x1f.specmesh.v1.SparseDistribution\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x1c\n\x14num_generated_tokens\x18\x07 \x01(\x05\x12\x15\n\rwant_logprobs\x18\x08 \x01(\x08\"k\n\x0eVerifyResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.specmesh.v1.VerifyResult\x12\x17\n\x0f\x66orward_seconds\x18\x02 \x01(\x01\x12\x14\n\x0c\x62\x61tch_tokens\x18\x03 \x01(\x05\"\x85\x02\n\x0cVerifyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.specmesh.v1.SessionStatus\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\x05\x12\x12\n\nnext_token\x18\x04 \x01(\x05\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.specmesh.v1.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12*\n\ncache_miss\x18\x07 \x01(\x0b\x32\x16.specmesh.v1.CacheMiss\x12\x15\n\rerror_message\x18\x08 \x01(\t2\x99\x02\n\x08Verifier\x12\x41\n\x06Verify\x12\x1a.specmesh.v1.VerifyRequest\x1a\x1b.specmesh.v1.VerifyResponse\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponse\x12\x44\n\x07Profile\x12\x1b.specmesh.v1.ProfileRequest\x1a\x1c.specmesh.v1.ProfileResponse\x12>\n\x05Stats\x12\x19.specmesh.v1.StatsRequest\x1a\x1a.specmesh.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecmesh/v1/verifier.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"7\n\rVerifyRequest\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.specmesh.v1.VerifyItem\"\xfe\x02\n\nVerifyItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x12\n\nnew_tokens\x18\x03 \x03(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x03(\x05\x12<\n\x13\x64raft_distributions\x18\x05 \x03(\x0b\x32\x1f.specmesh.v1.SparseDistribution\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x1c\n\x14num_generated_tokens\x18\x07 \x01(\x05\x12\x15\n\rwant_logprobs\x18\x08 \x01(\x08\x12@\n\rtrace_context\x18\t \x03(\x0b\x32).specmesh.v1.VerifyItem.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x0eVerifyResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.specmesh.v1.VerifyResult\x12\x17\n\x0f\x66orward_seconds\x18\x02 \x01(\x01\x12\x14\n\x0c\x62\x61tch_tokens\x18\x03 \x01(\x05\"\x85\x02\n\x0cVerifyResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.specmesh.v1.SessionStatus\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\x05\x12\x12\n\nnext_token\x18\x04 \x01(\x05\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.specmesh.v1.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12*\n\ncache_miss\x18\x07 \x01(\x0b\x32\x16.specmesh.v1.CacheMiss\x12\x15\n\rerror_message\x18\x08 \x01(\t2\x99\x02\n\x08Verifier\x12\x41\n\x06Verify\x12\x1a.specmesh.v1.VerifyRequest\x1a\x1b.specmesh.v1.VerifyResponse\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponse\x12\x44\n\x07Profile\x12\x1b.specmesh.v1.ProfileRequest\x1a\x1c.specmesh.v1.ProfileResponse\x12>\n\x05Stats\x12\x19.specmesh.v1.StatsRequest\x1a\x1a.specmesh.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specmesh.v1.verifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_VERIFYITEM_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_VERIFYITEM_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_VERIFYREQUEST']._serialized_start=69
   _globals['_VERIFYREQUEST']._serialized_end=124
   _globals['_VERIFYITEM']._serialized_start=127
-  _globals['_VERIFYITEM']._serialized_end=390
-  _globals['_VERIFYRESPONSE']._serialized_start=392
-  _globals['_VERIFYRESPONSE']._serialized_end=499
-  _globals['_VERIFYRESULT']._serialized_start=502
-  _globals['_VERIFYRESULT']._serialized_end=763
-  _globals['_VERIFIER']._serialized_start=766
-  _globals['_VERIFIER']._serialized_end=1047
+  _globals['_VERIFYITEM']._serialized_end=509
+  _globals['_VERIFYITEM_TRACECONTEXTENTRY']._serialized_start=458
+  _globals['_VERIFYITEM_TRACECONTEXTENTRY']._serialized_end=509
+  _globals['_VERIFYRESPONSE']._serialized_start=511
+  _globals['_VERIFYRESPONSE']._serialized_end=618
+  _globals['_VERIFYRESULT']._serialized_start=621
+  _globals['_VERIFYRESULT']._serialized_end=882
+  _globals['_VERIFIER']._serialized_start=885
+  _globals['_VERIFIER']._serialized_end=1166
 # @@protoc_insertion_point(module_scope)

@@ -14,7 +14,14 @@ class VerifyRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[VerifyItem, _Mapping]]] = ...) -> None: ...
 
 class VerifyItem(_message.Message):
-    __slots__ = ("session_id", "num_cached_tokens", "new_tokens", "draft_tokens", "draft_distributions", "sampling", "num_generated_tokens", "want_logprobs")
+    __slots__ = ("session_id", "num_cached_tokens", "new_tokens", "draft_tokens", "draft_distributions", "sampling", "num_generated_tokens", "want_logprobs", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +30,7 @@ class VerifyItem(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WANT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     num_cached_tokens: int
     new_tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -31,7 +39,8 @@ class VerifyItem(_message.Message):
     sampling: _common_pb2.SamplingParams
     num_generated_tokens: int
     want_logprobs: bool
-    def __init__(self, session_id: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated_tokens: _Optional[int] = ..., want_logprobs: _Optional[bool] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_generated_tokens: _Optional[int] = ..., want_logprobs: _Optional[bool] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("results", "forward_seconds", "batch_tokens")
