@@ -114,7 +114,8 @@ class GraphCache:
             self._step(inputs, key, logits)  # warm-up: workspaces, kernel selection
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: other services' threads keep running forwards while this one captures.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._step(inputs, key, logits)
         return graph
 

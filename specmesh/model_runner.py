@@ -72,6 +72,14 @@ class ModelRunner:
         self._sliding_window: int | None = (
             getattr(text_config, "sliding_window", None) if "sliding_attention" in layer_types else None
         )
+        # On CUDA the runner's work goes to its own stream, made the current stream of the thread
+        # that runs forwards (each service runs every forward and its sampler on one worker
+        # thread): a drafter and a verifier sharing a GPU then overlap instead of queueing
+        # behind each other on the one legacy default stream.
+        self.stream: torch.cuda.Stream | None = None
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device)
+            torch.cuda.synchronize(self.device)  # weights and cache were written on another stream
         self.packed: PackedForward | None = None
         if packed is None:
             packed = os.environ.get("SPECMESH_PACKED", "1") != "0"
@@ -124,6 +132,9 @@ class ModelRunner:
         the caller's first read of the logits does (one transfer for a whole batch)."""
         if not requests:
             return torch.empty((0, self.vocab_size), device=self.device), []
+        if self.stream is not None and torch.cuda.current_stream(self.device) != self.stream:
+            torch.cuda.current_stream(self.device).synchronize()  # earlier work of this thread
+            torch.cuda.set_stream(self.stream)
         cache = self.cache
         cached = [cache.lengths[r.slot] for r in requests]
         lengths = [len(r.tokens) for r in requests]

@@ -151,13 +151,14 @@ class PackedForward:
             logits = torch.tanh(logits / runner._softcap) * runner._softcap
         return logits
 
-    def capture(self, token_counts: Sequence[int], rows: Sequence[int], read_lengths: Sequence[int]) -> int:
-        """Capture the graphs of these shapes now (start-up), so that the first requests of a
-        shape do not pay for it. Returns how many graphs exist."""
+    def capture(self, shapes: Sequence[tuple[int, int]], read_lengths: Sequence[int]) -> int:
+        """Capture now (start-up) the graphs for these (flat tokens, sessions) shapes and read
+        lengths, so that the first requests of a shape do not pay for it. Sessions are assumed
+        to sit in the lowest slots. Returns how many graphs exist."""
         if self.graphs is None:
             return 0
-        keys = {self.graph_key(n, r - 1, 1, length) for n in token_counts for r in rows for length in read_lengths
-                if n >= 1 and r >= 1}
+        keys = {self.graph_key(n, sessions - 1, 1, length) for n, sessions in shapes for length in read_lengths
+                if n >= 1 and sessions >= 1}
         with torch.inference_mode():
             for key in sorted(k for k in keys if k is not None):
                 self.graphs.get(key)

@@ -1,0 +1,601 @@
+"""GPU benchmark of specmesh: real gRPC services on one GPU, random weights of real shapes.
+
+    python3 scripts/gpu_bench.py [--out DIR] [--levels 1,16,64] [--alphas 0.6,0.8,0.9]
+    python3 scripts/gpu_bench.py --tiny          # the same flow on CPU with tiny models (a check)
+
+One command, sized for one 10-minute device call. It:
+1. builds a Llama-3-8B-shaped verifier and a small Llama-shaped drafter (random weights, bf16;
+   no weights exist on the device, and no tokenizer is needed: token ids are synthetic);
+2. starts the verifier and drafter services and, per alpha, a scheduler (its own calibration),
+   all in this process, over gRPC on loopback, driven through the scheduler's Generate API
+   (the gateway only adds text handling, which synthetic token ids do not have);
+3. measures the verifier's cost curve (ms per forward vs batch tokens; CUDA graphs vs eager vs
+   the old padded layout) and the drafter's step cost, and HF `generate` as a plain baseline;
+4. per concurrency level: speculation off (whose greedy outputs become the references), then
+   CONTROLLED ACCEPTANCE (drafter/controlled_acceptance.py: real drafter forwards, proposing the
+   verifier's reference continuation with each token corrupted with probability 1 - alpha) for
+   each alpha, interleaved, repeated; with the scheduler's adaptive policy choosing gamma;
+5. writes everything to DIR/gpu_bench.json and prints a short table last, with the analytic
+   ceiling (1 - a^(g+1)) / ((1 - a)(g c + 1)) for the measured a, g and cost ratio c.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from drafter.config import DrafterConfig  # noqa: E402
+from drafter.controlled_acceptance import ControlledAcceptanceDrafter  # noqa: E402
+from drafter.server import start_drafter  # noqa: E402
+from scheduler.config import SchedulerConfig  # noqa: E402
+from scheduler.server import start_scheduler  # noqa: E402
+from specmesh.distributions import greedy_draft_distributions  # noqa: E402
+from specmesh.model_runner import ForwardRequest, ModelRunner  # noqa: E402
+from specmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
+from verifier.config import VerifierConfig  # noqa: E402
+from verifier.server import start_verifier  # noqa: E402
+
+log = logging.getLogger("gpu_bench")
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False)
+# Llama-3.2-1B width and vocabulary, 8 layers instead of 16: 0.75B parameters.
+DRAFTER = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True)
+TINY_VERIFIER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False)
+TINY_DRAFTER = dict(TINY_VERIFIER, num_hidden_layers=1)
+
+
+def build_model(shape: dict, seed: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**shape))
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- cost curves (run on the service's own worker thread, between requests) -----------------
+def time_forwards(runner: ModelRunner, sessions: int, q: int, *, context: int, reps: int,
+                  drafter_top_k: int | None = None) -> float:
+    """Median ms of one forward of `q` tokens for each of `sessions` sessions holding `context`
+    tokens, including the device-to-host transfer the caller needs (argmax for a verifier, the
+    greedy top-k for a drafter)."""
+    cache, vocab = runner.cache, runner.vocab_size
+    slots = [cache.allocate() for _ in range(sessions)]
+    try:
+        rng = random.Random(sessions * 1000 + q)
+        runner.forward_flat([ForwardRequest(s, [rng.randrange(vocab) for _ in range(context)], context - 1)
+                             for s in slots])
+        step = [ForwardRequest(s, [rng.randrange(vocab) for _ in range(q)], 0) for s in slots]
+        times = []
+        for attempt in range(reps + 2):
+            sync(runner.device)
+            start = time.perf_counter()
+            logits, _ = runner.forward_flat(step)
+            if drafter_top_k is None:
+                logits.argmax(dim=-1).tolist()
+            else:
+                greedy_draft_distributions(logits, drafter_top_k)
+            elapsed = time.perf_counter() - start
+            for s in slots:
+                cache.truncate(s, context)
+            if attempt >= 2:
+                times.append(elapsed)
+        return 1000 * statistics.median(times)
+    finally:
+        for s in slots:
+            cache.free(s)
+
+
+def cost_curves(runner: ModelRunner, shapes: list[tuple[int, int]], eager_shapes: list[tuple[int, int]], *,
+                context: int, reps: int, drafter_top_k: int | None = None) -> list[dict]:
+    rows = []
+    graphs = runner.packed.graphs if runner.packed is not None else None
+    for sessions, q in shapes:
+        row = {"sessions": sessions, "tokens_per_session": q, "batch_tokens": sessions * q,
+               "ms": time_forwards(runner, sessions, q, context=context, reps=reps, drafter_top_k=drafter_top_k)}
+        if (sessions, q) in eager_shapes and graphs is not None:
+            runner.packed.graphs = None
+            try:
+                row["ms_eager"] = time_forwards(runner, sessions, q, context=context, reps=reps,
+                                                drafter_top_k=drafter_top_k)
+            finally:
+                runner.packed.graphs = graphs
+        rows.append(row)
+        log.info("cost %s", row)
+    return rows
+
+
+def padded_cost(model: torch.nn.Module, shapes: list[tuple[int, int]], *, slots: int, max_context: int,
+                context: int, reps: int) -> list[dict]:
+    """The runner before this work: padded [B, Q] layout, K/V gathered, HF attention, eager."""
+    runner = ModelRunner(model, slots, max_context, packed=False)
+    try:
+        return [{"sessions": s, "tokens_per_session": q, "batch_tokens": s * q,
+                 "ms": time_forwards(runner, s, q, context=context, reps=reps)} for s, q in shapes]
+    finally:
+        del runner
+
+
+def hf_generate(model: torch.nn.Module, batch: int, new_tokens: int, prompt_length: int, device: torch.device) -> dict:
+    """Plain HF transformers `generate` (greedy), the baseline a user would run: ms per step."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt_length), device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        sync(device)
+    seconds = time.perf_counter() - start
+    generated = out.shape[1] - prompt_length
+    return {"batch": batch, "new_tokens": generated, "ms_per_step": 1000 * seconds / generated,
+            "aggregate_tokens_per_s": batch * generated / seconds}
+
+
+# ---- correctness on the device -------------------------------------------------------------------
+def check_runner(model: torch.nn.Module, reference, *, sessions: int, context: int, steps: int, q: int) -> dict:
+    """Feed the same sessions through the runner (packed; graphs where they apply) and through
+    `reference(tokens) -> logits of the last q tokens`; compare every step's logits."""
+    runner = ModelRunner(model, sessions + 1, context + steps * q + 8)
+    vocab = runner.vocab_size
+    rng = random.Random(5)
+    seqs = [[rng.randrange(vocab) for _ in range(context + steps * q)] for _ in range(sessions)]
+    slots = [runner.cache.allocate() for _ in range(sessions)]
+    runner.forward_flat([ForwardRequest(s, seq[:context], context - 1) for s, seq in zip(slots, seqs)])
+    worst, agree, total = 0.0, 0, 0
+    for step in range(steps):
+        start = context + step * q
+        logits = runner.forward([ForwardRequest(s, seq[start:start + q]) for s, seq in zip(slots, seqs)])
+        for seq, got in zip(seqs, logits):
+            want = reference(seq[:start + q]).to(got.device)
+            worst = max(worst, ((got - want).norm() / want.norm()).item())
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum().item())
+            total += q
+    graphs = runner.packed.graphs if runner.packed is not None else None
+    return {"relative_error_max": worst, "argmax_agreement": agree / total,
+            "graph_forwards": runner.packed.num_graph_forwards if runner.packed else 0, "graphs": len(graphs or ())}
+
+
+def device_checks(verifier_model: torch.nn.Module, device: torch.device) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    tiny = LlamaForCausalLM(LlamaConfig(**dict(TINY_VERIFIER, vocab_size=256))).to(device).eval()
+
+    def full(model):
+        def run(tokens):
+            with torch.inference_mode():
+                ids = torch.tensor([tokens], device=device)
+                return model(ids, attention_mask=torch.ones_like(ids)).logits[0, -4:].float()
+        return run
+
+    out = {"tiny_float32_vs_full_forward": check_runner(tiny, full(tiny), sessions=3, context=20, steps=4, q=4)}
+    # The 8B in bf16: runner (packed, graphs) against the old padded layout run eagerly.
+    padded = ModelRunner(verifier_model, 2, 128, packed=False)
+
+    def reference(tokens):
+        slot = padded.cache.allocate()
+        try:
+            return padded.forward([ForwardRequest(slot, tokens, len(tokens) - 4)])[0]
+        finally:
+            padded.cache.free(slot)
+
+    out["verifier_bf16_vs_padded_layout"] = check_runner(verifier_model, reference, sessions=3, context=48,
+                                                         steps=3, q=4)
+    del padded
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    log.info("device checks: %s", out)
+    return out
+
+
+# ---- load through the services -----------------------------------------------------------------
+class RoundCounter:
+    """Per-token acceptance from every verification round (the scheduler policy's observe hook):
+    the maximum-likelihood alpha = accepted / (accepted + rounds that hit a rejection)."""
+
+    def __init__(self) -> None:
+        self.accepted = self.trials = self.verified = self.rounds = 0
+        from scheduler import budget_policy
+
+        original = budget_policy.AdaptiveBudgetPolicy.observe
+        counter = self
+
+        async def observe(policy, outcomes):
+            for outcome in outcomes:
+                if outcome.result.cache_miss:
+                    continue
+                verified, accepted = len(outcome.item.draft_tokens), outcome.result.accepted_count
+                counter.rounds += 1
+                counter.verified += verified
+                counter.accepted += accepted
+                counter.trials += accepted + (1 if accepted < verified else 0)
+            return await original(policy, outcomes)
+
+        budget_policy.AdaptiveBudgetPolicy.observe = observe
+
+    def take(self) -> dict:
+        out = {"alpha_hat": self.accepted / self.trials if self.trials else 0.0,
+               "gamma_verified": self.verified / self.rounds if self.rounds else 0.0,
+               "policy_rounds": self.rounds, "alpha_trials": self.trials, "alpha_accepted": self.accepted}
+        self.accepted = self.trials = self.verified = self.rounds = 0
+        return out
+
+
+class BusyClock:
+    """Wraps a core method to add up the seconds it runs (on the service's worker thread)."""
+
+    def __init__(self, obj, name: str) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        original = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        setattr(obj, name, timed)
+
+    def take(self) -> tuple[float, int]:
+        out = (self.seconds, self.calls)
+        self.seconds, self.calls = 0.0, 0
+        return out
+
+
+async def generate(stub, request_id: str, prompt: list[int], max_tokens: int, speculation: bool) -> dict:
+    request = scheduler_pb2.ScheduleRequest(request_id=request_id, prompt_token_ids=prompt,
+                                            sampling=common_pb2.SamplingParams(temperature=0.0),
+                                            max_tokens=max_tokens, disable_speculation=not speculation)
+    start = time.perf_counter()
+    ttft = None
+    tokens: list[int] = []
+    spec = None
+    async for message in stub.Generate(request):
+        if message.token_ids and ttft is None:
+            ttft = time.perf_counter() - start
+        tokens.extend(message.token_ids)
+        spec = message.speculation
+    return {"latency_s": time.perf_counter() - start, "ttft_s": ttft or 0.0, "tokens": tokens,
+            "drafted": spec.drafted_tokens if spec else 0, "accepted": spec.accepted_tokens if spec else 0,
+            "rounds": spec.rounds if spec else 0}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarise(samples: list[dict], wall_s: float, verify: tuple[float, int], draft: tuple[float, int]) -> dict:
+    tokens = sum(len(s["tokens"]) for s in samples)
+    drafted, accepted, rounds = (sum(s[k] for s in samples) for k in ("drafted", "accepted", "rounds"))
+    tpot = [(s["latency_s"] - s["ttft_s"]) / (len(s["tokens"]) - 1) for s in samples if len(s["tokens"]) > 1]
+    return {
+        "requests": len(samples), "completion_tokens": tokens, "wall_s": wall_s,
+        "aggregate_tokens_per_s": tokens / wall_s if wall_s else 0.0,
+        "per_user_tokens_per_s": statistics.mean(len(s["tokens"]) / s["latency_s"] for s in samples),
+        "ttft_p50_ms": 1000 * percentile([s["ttft_s"] for s in samples], 0.5),
+        "tpot_p50_ms": 1000 * percentile(tpot, 0.5), "tpot_p99_ms": 1000 * percentile(tpot, 0.99),
+        "drafted": drafted, "accepted": accepted, "rounds": rounds,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "tau": (accepted + rounds) / rounds if rounds else 0.0,
+        "gamma": drafted / rounds if rounds else 0.0,
+        "verifier_busy_s": verify[0], "verify_forwards": verify[1],
+        "drafter_busy_s": draft[0], "draft_calls": draft[1],
+    }
+
+
+def ceiling(alpha: float, gamma: float, c: float) -> float:
+    """Leviathan et al. 2023: expected speedup for acceptance alpha, draft length gamma, cost ratio c."""
+    if gamma <= 0:
+        return 1.0
+    if alpha >= 1.0:
+        return (gamma + 1) / (gamma * c + 1)
+    return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * c + 1))
+
+
+async def main_async(args) -> dict:
+    started = time.perf_counter()
+    tiny = args.tiny
+    device = torch.device("cpu" if tiny else "cuda")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version(), "args": vars(args),
+            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"}
+    import transformers
+
+    meta["transformers"] = transformers.__version__
+    result: dict = {"meta": meta}
+    t0 = time.perf_counter()
+    verifier_model = build_model(TINY_VERIFIER if tiny else LLAMA3_8B, 0, str(device), dtype)
+    drafter_model = build_model(TINY_DRAFTER if tiny else DRAFTER, 1, str(device), dtype)
+    meta["verifier_params_b"] = sum(p.numel() for p in verifier_model.parameters()) / 1e9
+    meta["drafter_params_b"] = sum(p.numel() for p in drafter_model.parameters()) / 1e9
+    sync(device)
+    meta["build_s"] = time.perf_counter() - t0
+    log.info("models built in %.1f s: verifier %.2fB, drafter %.2fB params", meta["build_s"],
+             meta["verifier_params_b"], meta["drafter_params_b"])
+
+    t0 = time.perf_counter()
+    result["checks"] = device_checks(verifier_model, device)
+    meta["checks_s"] = time.perf_counter() - t0
+    slots, max_context = args.slots, args.max_context
+    t0 = time.perf_counter()
+    verifier = await start_verifier(
+        VerifierConfig(model="llama3-8b-shape/random", num_slots=slots, max_context=max_context, batch_wait_ms=0.0,
+                       dtype="float32" if tiny else "bfloat16", device=device.type,
+                       profile_batch_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), idle_ttl_s=0),
+        model=verifier_model)
+    drafter_core = ControlledAcceptanceDrafter(ModelRunner(drafter_model, slots, max_context),
+                                               name="controlled-acceptance/llama-0.75b-shape", draft_top_k=8)
+    drafter = await start_drafter(
+        DrafterConfig(model="controlled-acceptance", num_slots=slots, max_context=max_context,
+                      draft_ahead_tokens=args.draft_ahead, batch_wait_ms=1.0, max_draft_tokens=16, idle_ttl_s=0,
+                      dtype="float32" if tiny else "bfloat16", device=device.type, profile_batch_sizes=(1, 16, 64)),
+        drafter_core=drafter_core)
+    meta["services_start_s"] = time.perf_counter() - t0
+    result["verifier_profile_ms"] = [(b, 1000 * s) for b, s in verifier.profile.cost_table]
+    vrunner, drunner = verifier.core.runner, drafter_core.runner
+
+    # Cost curves on the services' own worker threads (nothing else runs meanwhile).
+    context = 16 if tiny else 256
+    reps = 3 if tiny else 10
+    big = [(1, 1), (1, 2), (1, 4), (1, 6), (1, 8), (4, 4), (16, 1), (16, 4), (16, 8), (32, 4), (64, 1), (64, 2),
+           (64, 4), (64, 8)]
+    eager = [(1, 1), (1, 4), (16, 4), (64, 4)]
+    t0 = time.perf_counter()
+    result["verifier_cost"] = await verifier.batcher.run_exclusive(
+        lambda: cost_curves(vrunner, big, eager, context=context, reps=reps))
+    result["drafter_cost"] = await drafter.worker.run_exclusive(
+        lambda: cost_curves(drunner, [(1, 1), (4, 1), (16, 1), (64, 1), (1, 4)], [(1, 1), (16, 1), (64, 1)],
+                            context=context, reps=reps, drafter_top_k=8))
+    if not args.skip_baselines:
+        result["verifier_cost_padded_layout"] = await verifier.batcher.run_exclusive(
+            lambda: padded_cost(verifier_model, [(1, 1), (16, 4), (64, 4)], slots=64, max_context=max_context,
+                                context=context, reps=reps))
+        result["hf_generate"] = [await verifier.batcher.run_exclusive(
+            lambda b=b: hf_generate(verifier_model, b, 8 if tiny else 32, 128, device)) for b in (1, 16)]
+    meta["cost_curves_s"] = time.perf_counter() - t0
+    v1 = next(r["ms"] for r in result["verifier_cost"] if r["batch_tokens"] == 1)
+    d1 = next(r["ms"] for r in result["drafter_cost"] if r["sessions"] == 1 and r["tokens_per_session"] == 1)
+    result["cost_ratio_c"] = d1 / v1
+
+    # Graphs for the shapes the load will hit, captured before the clock runs.
+    t0 = time.perf_counter()
+    if vrunner.packed is not None:
+        # Verify batches: each of r sessions feeds 1 to 9 tokens; draft steps: 1 to 3 per session.
+        verify_shapes = [(n, r) for r in args.levels for n in range(r, 9 * r + 1, max(1, r // 4))]
+        draft_shapes = [(n, r) for r in args.levels for n in range(r, 3 * r + 1, max(1, r // 2))]
+        await verifier.batcher.run_exclusive(lambda: vrunner.packed.capture(verify_shapes, [256, 512]))
+        await drafter.worker.run_exclusive(lambda: drunner.packed.capture(draft_shapes, [256, 512]))
+    meta["graph_capture_s"] = time.perf_counter() - t0
+    meta["graphs"] = {"verifier": len(vrunner.packed.graphs) if vrunner.packed and vrunner.packed.graphs else 0,
+                      "drafter": len(drunner.packed.graphs) if drunner.packed and drunner.packed.graphs else 0}
+    log.info("setup done at %.0f s: %s", time.perf_counter() - started, meta)
+
+    schedulers = {}
+    for alpha in args.alphas:
+        schedulers[alpha] = await start_scheduler(SchedulerConfig(
+            verifiers=(verifier.address,), drafters=(drafter.address,), policy="adaptive",
+            max_draft_tokens=args.max_draft_tokens, max_batch_sessions=slots, connect_wait_s=30))
+    def graph_state() -> dict:
+        out = {}
+        for name, runner in (("verifier", vrunner), ("drafter", drunner)):
+            graphs = runner.packed.graphs if runner.packed is not None else None
+            out[name] = {"graphs": len(graphs), "capture_s": graphs.capture_seconds} if graphs is not None else {}
+        return out
+
+    rounds = RoundCounter()
+    verify_clock = BusyClock(verifier.core, "verify")
+    draft_clock = BusyClock(drafter_core, "draft")
+    channels = {a: grpc.aio.insecure_channel(s.address) for a, s in schedulers.items()}
+    stubs = {a: scheduler_pb2_grpc.SchedulerStub(c) for a, c in channels.items()}
+    vocab = verifier_model.config.vocab_size
+    rng = random.Random(0)
+    counter = iter(range(10**9))
+
+    def prompts(n: int) -> list[list[int]]:
+        return [[rng.randrange(vocab) for _ in range(rng.randint(64, 128))] for _ in range(n)]
+
+    async def run_slice(stub, batch: list[list[int]], speculation: bool, ids: list[str]) -> tuple[list[dict], dict]:
+        verify_clock.take(), draft_clock.take(), rounds.take()
+        start = time.perf_counter()
+        samples = await asyncio.gather(*(generate(stub, rid, p, args.max_tokens, speculation)
+                                         for rid, p in zip(ids, batch)))
+        wall = time.perf_counter() - start
+        summary = summarise(samples, wall, verify_clock.take(), draft_clock.take())
+        summary.update(rounds.take())
+        return samples, summary
+
+    async def controlled(alpha: float, batch: list[list[int]], references: list[list[int]]):
+        ids = [f"a{alpha}-{next(counter)}" for _ in batch]
+        for rid, prompt, ref in zip(ids, batch, references):
+            drafter_core.register(rid, prompt + ref, alpha)
+        samples, summary = await run_slice(stubs[alpha], batch, True, ids)
+        summary["diverged_sessions"] = drafter_core.num_diverged_among(ids)
+        drafter_core.forget(ids)
+        return samples, summary
+
+    # Warm-up: every scheduler learns its acceptance; graphs and allocator settle.
+    t0 = time.perf_counter()
+    warm = prompts(4)
+    warm_refs, _ = await run_slice(stubs[args.alphas[0]], warm, False, [f"w{next(counter)}" for _ in warm])
+    for alpha in args.alphas:
+        for _ in range(2):
+            await controlled(alpha, warm, [s["tokens"] for s in warm_refs])
+    meta["warmup_s"] = time.perf_counter() - t0
+
+    levels = []
+    for concurrency in args.levels:
+        if time.perf_counter() - started > args.budget_s:
+            log.warning("time budget spent: skipping concurrency %d", concurrency)
+            result.setdefault("skipped_levels", []).append(concurrency)
+            continue
+        modes: dict[str, list[dict]] = {"off": []}
+        repeats = args.repeats
+        per_slice = max(concurrency, args.min_requests // repeats) if concurrency == 1 else concurrency
+        captured = graph_state()
+        # Repeat 0 is a warm-up at this concurrency (new graph shapes, calibration), not counted.
+        for repeat in range(repeats + 1):
+            measured = repeat > 0
+            batch = prompts(per_slice if measured else concurrency)
+            samples_off = []
+            for start in range(0, len(batch), concurrency):
+                samples, summary = await run_slice(stubs[args.alphas[0]], batch[start:start + concurrency], False,
+                                                   [f"off-{next(counter)}" for _ in range(concurrency)])
+                samples_off.extend(samples)
+                if measured:
+                    modes["off"].append(summary)
+            references = [s["tokens"] for s in samples_off]
+            for alpha in args.alphas:
+                for start in range(0, len(batch), concurrency):
+                    _, summary = await controlled(alpha, batch[start:start + concurrency],
+                                                  references[start:start + concurrency])
+                    if measured:
+                        modes.setdefault(f"alpha={alpha}", []).append(summary)
+            if repeat == 0:
+                captured = graph_state()  # graphs captured after the warm-up show in graphs_at_end
+        level = {"concurrency": concurrency, "modes": {}, "graphs_at_start": captured, "graphs_at_end": graph_state()}
+        for mode, slices in modes.items():
+            level["modes"][mode] = merge(slices)
+        base = level["modes"]["off"]
+        for mode, summary in level["modes"].items():
+            summary["aggregate_vs_off"] = summary["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"]
+            summary["per_user_vs_off"] = summary["per_user_tokens_per_s"] / base["per_user_tokens_per_s"]
+            if mode != "off":
+                alpha = float(mode.split("=")[1])
+                summary["ceiling"] = ceiling(summary["alpha_hat"], summary["gamma"], result["cost_ratio_c"])
+                summary["ceiling_nominal_alpha"] = ceiling(alpha, summary["gamma"], result["cost_ratio_c"])
+        levels.append(level)
+        log.info("level %d done at %.0f s", concurrency, time.perf_counter() - started)
+    result["levels"] = levels
+    meta["total_s"] = time.perf_counter() - started
+    for channel in channels.values():
+        await channel.close()
+    for service in (*schedulers.values(), drafter, verifier):
+        await service.stop()
+    return result
+
+
+def merge(slices: list[dict]) -> dict:
+    """Combine slices of one mode: token-weighted rates, summed counts."""
+    wall = sum(s["wall_s"] for s in slices)
+    tokens = sum(s["completion_tokens"] for s in slices)
+    requests = sum(s["requests"] for s in slices)
+    out = {"slices": len(slices), "requests": requests, "completion_tokens": tokens, "wall_s": wall,
+           "aggregate_tokens_per_s": tokens / wall if wall else 0.0}
+    out["per_user_tokens_per_s"] = sum(s["per_user_tokens_per_s"] * s["requests"] for s in slices) / requests
+    for key in ("ttft_p50_ms", "tpot_p50_ms", "tpot_p99_ms"):
+        out[key] = statistics.median(s[key] for s in slices)
+    for key in ("drafted", "accepted", "rounds", "verifier_busy_s", "verify_forwards", "drafter_busy_s",
+                "draft_calls", "diverged_sessions", "alpha_trials", "alpha_accepted", "policy_rounds"):
+        out[key] = sum(s.get(key, 0) for s in slices)
+    out["alpha_hat"] = out["alpha_accepted"] / out["alpha_trials"] if out["alpha_trials"] else 0.0
+    out["acceptance_rate"] = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
+    out["tau"] = (out["accepted"] + out["rounds"]) / out["rounds"] if out["rounds"] else 0.0
+    out["gamma"] = out["drafted"] / out["rounds"] if out["rounds"] else 0.0
+    out["verifier_busy_fraction"] = out["verifier_busy_s"] / wall if wall else 0.0
+    return out
+
+
+def table(result: dict) -> str:
+    lines = []
+    meta = result["meta"]
+    for name, check in result.get("checks", {}).items():
+        lines.append(f"check {name}: relative error {check['relative_error_max']:.2e}, argmax agreement "
+                     f"{check['argmax_agreement']:.1%}, {check['graph_forwards']} graph forwards")
+    lines.append(f"device: {meta['device']}  torch {meta['torch']}  transformers {meta['transformers']}  "
+                 f"verifier {meta['verifier_params_b']:.2f}B  drafter {meta['drafter_params_b']:.2f}B  "
+                 f"c = {result['cost_ratio_c']:.3f}")
+    curve = result["verifier_cost"]
+    lines.append("verifier ms/forward by batch tokens (sessions x tokens): " + ", ".join(
+        f"{r['sessions']}x{r['tokens_per_session']}={r['ms']:.2f}" + (f" (eager {r['ms_eager']:.1f})" if "ms_eager" in r else "")
+        for r in curve))
+    lines.append("drafter ms/step by sessions: " + ", ".join(
+        f"{r['sessions']}x{r['tokens_per_session']}={r['ms']:.2f}" + (f" (eager {r['ms_eager']:.1f})" if "ms_eager" in r else "")
+        for r in result["drafter_cost"]))
+    if "verifier_cost_padded_layout" in result:
+        lines.append("old padded layout (eager) ms: " + ", ".join(
+            f"{r['sessions']}x{r['tokens_per_session']}={r['ms']:.1f}" for r in result["verifier_cost_padded_layout"]))
+    if "hf_generate" in result:
+        lines.append("HF generate: " + ", ".join(
+            f"batch {r['batch']}: {r['ms_per_step']:.1f} ms/step, {r['aggregate_tokens_per_s']:.0f} tok/s"
+            for r in result["hf_generate"]))
+    lines.append(f"{'conc':>4} {'mode':>10} {'agg tok/s':>9} {'x off':>6} {'user tok/s':>10} {'x off':>6} "
+                 f"{'alpha^':>6} {'gamma':>5} {'tau':>5} {'ttft ms':>7} {'tpot ms':>7} {'v.busy':>6} {'ceiling':>7}")
+    for level in result.get("levels", []):
+        for mode, s in level["modes"].items():
+            lines.append(
+                f"{level['concurrency']:>4} {mode:>10} {s['aggregate_tokens_per_s']:>9.1f} {s['aggregate_vs_off']:>6.2f} "
+                f"{s['per_user_tokens_per_s']:>10.1f} {s['per_user_vs_off']:>6.2f} {s['alpha_hat']:>6.1%} "
+                f"{s['gamma']:>5.2f} {s['tau']:>5.2f} {s['ttft_p50_ms']:>7.1f} {s['tpot_p50_ms']:>7.2f} "
+                f"{s['verifier_busy_fraction']:>6.1%} {s.get('ceiling', 1.0):>7.2f}")
+    if result.get("skipped_levels"):
+        lines.append(f"skipped (time budget): concurrency {result['skipped_levels']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--levels", default="1,16,64")
+    parser.add_argument("--alphas", default="0.6,0.8,0.9")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-draft-tokens", type=int, default=8)
+    parser.add_argument("--draft-ahead", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=6, help="requests per mode at concurrency 1")
+    parser.add_argument("--slots", type=int, default=72)
+    parser.add_argument("--max-context", type=int, default=512)
+    parser.add_argument("--budget-s", type=float, default=480.0, help="skip remaining levels after this")
+    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny models: checks the flow, no numbers")
+    args = parser.parse_args()
+    args.levels = [int(x) for x in args.levels.split(",")]
+    args.alphas = [float(x) for x in args.alphas.split(",")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("specmesh.cuda_graphs").setLevel(logging.INFO)
+    result = asyncio.run(main_async(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_bench.json").write_text(json.dumps(result, indent=1))
+    text = table(result)
+    (out / "gpu_bench_table.txt").write_text(text + "\n")
+    print("\n" + text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
