@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from gateway.admission import AdmissionLimits
+from gateway.rate_limit import RateLimits
 from gateway.validation import RequestLimits
 
 
@@ -22,6 +24,22 @@ class GatewayConfig:
     max_messages: int = 1024
     max_request_id_length: int = 128
     grace_s: float = 5.0  # in-flight requests get this long to finish on SIGTERM
+    # OpenAI-compatible HTTP (FastAPI in the same process and event loop); None: no HTTP.
+    http_port: int | None = None  # 0 picks a free port
+    served_model_name: str | None = None  # the `model` HTTP clients name; None: the model REF
+    max_body_bytes: int = 1 << 20  # largest request body (HTTP) / message (gRPC)
+    # API keys: a file of keys or `sha256:<hex>` lines, and entries from the environment.
+    # Empty: no key needed. Held as digests once loaded; never logged (repr=False).
+    api_keys_file: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Per-key rate limits (0: unlimited), shared through Redis when redis_url is set.
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    rate_limit_rpm: int = 0
+    rate_limit_tpm: int = 0
+    # Overload protection: running requests, waiting requests, and the longest wait.
+    max_concurrent_requests: int = 128
+    max_queued_requests: int = 512
+    queue_timeout_s: float = 10.0
 
     def limits(self) -> RequestLimits:
         return RequestLimits(
@@ -32,3 +50,14 @@ class GatewayConfig:
             max_messages=self.max_messages,
             max_request_id_length=self.max_request_id_length,
         )
+
+    def rate_limits(self) -> RateLimits:
+        return RateLimits(requests_per_minute=self.rate_limit_rpm, tokens_per_minute=self.rate_limit_tpm)
+
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(max_concurrent=self.max_concurrent_requests, max_queued=self.max_queued_requests,
+                               queue_timeout_s=self.queue_timeout_s)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model

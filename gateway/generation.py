@@ -47,6 +47,11 @@ class GenerationDefaults:
     temperature: float = 0.0
 
 
+# Tokenizing a 1 MiB prompt takes ~0.5 s and ~150 MB at its peak (SmolLM2's tokenizer, measured):
+# a flood of large prompts must queue for the tokenizer rather than run all at once.
+MAX_CONCURRENT_ENCODES = 4
+
+
 class GenerationPipeline:
     def __init__(self, tokenizer: Any, scheduler: SchedulerBackend, stop_token_ids: Sequence[int],
                  limits: RequestLimits = RequestLimits(), defaults: GenerationDefaults = GenerationDefaults()) -> None:
@@ -55,6 +60,7 @@ class GenerationPipeline:
         self.stop_token_ids = tuple(stop_token_ids)
         self.limits = limits
         self.defaults = defaults
+        self._encode_slots = asyncio.Semaphore(MAX_CONCURRENT_ENCODES)
 
     def encode(self, request: GenerationRequest) -> list[int]:
         if request.messages:
@@ -83,22 +89,28 @@ class GenerationPipeline:
             logprobs=request.logprobs,
         )
 
-    async def run(self, request: GenerationRequest, timeout_s: float | None = None) -> AsyncIterator[GenerationResponse]:
-        """Stream the completion of request; the last record has a finish_reason.
+    async def prepare(self, request: GenerationRequest) -> "PreparedRequest":
+        """Everything that can refuse a request before it costs the scheduler anything:
+        field checks, tokenisation (chat template) and the prompt length. Raises
+        InvalidRequestError."""
+        validate_request(request, self.limits)
+        # Long prompts and chat templates take real CPU time: keep the event loop serving.
+        async with self._encode_slots:
+            prompt_ids = await asyncio.to_thread(self.encode, request)
+        validate_prompt_length(len(prompt_ids), self.limits)
+        return PreparedRequest(request, self.tokenized_request(request, prompt_ids))
+
+    async def execute(self, prepared: "PreparedRequest",
+                      timeout_s: float | None = None) -> AsyncIterator[GenerationResponse]:
+        """Stream the completion of a prepared request; the last record has a finish_reason.
 
         timeout_s is what is left of the client's deadline (None: no deadline); it bounds the
         scheduler call, so the whole chain gives up together.
         """
         start = time.monotonic()
-        validate_request(request, self.limits)
-        # Long prompts and chat templates take real CPU time: keep the event loop serving.
-        prompt_ids = await asyncio.to_thread(self.encode, request)
-        validate_prompt_length(len(prompt_ids), self.limits)
-        tokenized = self.tokenized_request(request, prompt_ids)
-        if timeout_s is not None:
-            timeout_s = max(timeout_s - (time.monotonic() - start), 0.0)
-        output = CompletionAssembler(self.tokenizer, request.request_id, len(prompt_ids), request.stop)
-        steps = self.scheduler.generate(tokenized, timeout_s)
+        request = prepared.request
+        output = CompletionAssembler(self.tokenizer, request.request_id, prepared.num_prompt_tokens, request.stop)
+        steps = self.scheduler.generate(prepared.tokenized, timeout_s)
         try:
             async for step in steps:
                 response = output.add(step)
@@ -115,6 +127,32 @@ class GenerationPipeline:
             raise SchedulerStreamError("the scheduler ended the stream without a finish reason")
         finally:
             await steps.aclose()
+
+    async def run(self, request: GenerationRequest, timeout_s: float | None = None) -> AsyncIterator[GenerationResponse]:
+        """prepare, then execute: the whole request, with no admission or rate limit in between
+        (gateway/front_door.py adds those)."""
+        start = time.monotonic()
+        prepared = await self.prepare(request)
+        if timeout_s is not None:
+            timeout_s = max(timeout_s - (time.monotonic() - start), 0.0)
+        async for response in self.execute(prepared, timeout_s):
+            yield response
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request that passed every check, tokenized, with every default resolved."""
+
+    request: GenerationRequest
+    tokenized: TokenizedRequest
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.tokenized.prompt_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tokenized.max_tokens
 
 
 class CompletionAssembler:

@@ -13,6 +13,10 @@ from specmesh.errors import InvalidRequestError
 from specmesh.sampling_params import SamplingParams
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+# Beyond these a request is nonsense rather than a choice: a temperature of 1e30 samples
+# uniformly like 100 does, and top_k travels as int32 to the scheduler.
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ def validate_request(request: GenerationRequest, limits: RequestLimits) -> None:
         top_k=0 if request.top_k is None else request.top_k,
         seed=request.seed,
     ).validate()
+    if request.temperature is not None and request.temperature > MAX_TEMPERATURE:
+        raise InvalidRequestError(f"temperature must be at most {MAX_TEMPERATURE:g}, got {request.temperature}")
+    if request.top_k is not None and request.top_k > MAX_TOP_K:
+        raise InvalidRequestError(f"top_k must be at most {MAX_TOP_K}, got {request.top_k}")
     if request.max_draft_tokens is not None and request.max_draft_tokens < 0:
         raise InvalidRequestError(f"max_draft_tokens must be >= 0, got {request.max_draft_tokens}")
     _check_stop(request.stop, limits)

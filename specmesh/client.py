@@ -6,6 +6,7 @@
         for delta in client.stream(messages=[{"role": "user", "content": "Hi"}]):
             print(delta.text, end="", flush=True)
 
+With API keys on the gateway, pass `api_key=...` (sent as `authorization: Bearer <key>`).
 AsyncSpecmeshClient has the same methods as coroutines / async iterators. Failures raise
 SpecmeshClientError carrying the gRPC status code and the server's message. Leaving a stream
 early (break, close) cancels the request, which frees its state all the way down.
@@ -155,18 +156,20 @@ def _client_error(error: grpc.RpcError) -> SpecmeshClientError:
     return SpecmeshClientError(code, details or "", retry_after)
 
 
-def _metadata(metadata: Metadata | None) -> tuple[tuple[str, str], ...] | None:
-    if metadata is None:
-        return None
-    items = metadata.items() if isinstance(metadata, Mapping) else metadata
-    return tuple((str(k), str(v)) for k, v in items)
+def _metadata(metadata: Metadata | None, api_key: str | None = None) -> tuple[tuple[str, str], ...] | None:
+    items = () if metadata is None else (metadata.items() if isinstance(metadata, Mapping) else metadata)
+    pairs = tuple((str(k), str(v)) for k, v in items)
+    if api_key and not any(k.lower() == "authorization" for k, _ in pairs):
+        pairs += (("authorization", f"Bearer {api_key}"),)
+    return pairs or None
 
 
 class SpecmeshClient:
     """Blocking client. `timeout` (seconds) becomes the gRPC deadline, honoured end to end."""
 
-    def __init__(self, target: str, *, channel: grpc.Channel | None = None) -> None:
+    def __init__(self, target: str, *, channel: grpc.Channel | None = None, api_key: str | None = None) -> None:
         self.target = target
+        self.api_key = api_key
         self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
@@ -174,7 +177,7 @@ class SpecmeshClient:
                timeout: float | None = None, metadata: Metadata | None = None, **options) -> Iterator[Delta]:
         """Deltas as they are generated; the last one has a finish_reason. Options as build_request."""
         call = self._stub.Generate(build_request(prompt, messages, **options), timeout=timeout,
-                                   metadata=_metadata(metadata))
+                                   metadata=_metadata(metadata, self.api_key))
         try:
             for message in call:
                 yield _delta(message)
@@ -202,8 +205,9 @@ class SpecmeshClient:
 class AsyncSpecmeshClient:
     """asyncio client; same methods as SpecmeshClient (generate is a coroutine, stream an async iterator)."""
 
-    def __init__(self, target: str, *, channel: aio.Channel | None = None) -> None:
+    def __init__(self, target: str, *, channel: aio.Channel | None = None, api_key: str | None = None) -> None:
         self.target = target
+        self.api_key = api_key
         self._channel = channel or aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
@@ -211,7 +215,7 @@ class AsyncSpecmeshClient:
                      timeout: float | None = None, metadata: Metadata | None = None,
                      **options) -> AsyncIterator[Delta]:
         call = self._stub.Generate(build_request(prompt, messages, **options), timeout=timeout,
-                                   metadata=_metadata(metadata))
+                                   metadata=_metadata(metadata, self.api_key))
         try:
             async for message in call:
                 yield _delta(message)
