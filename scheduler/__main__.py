@@ -16,7 +16,8 @@ def _split(value: str) -> tuple[str, ...]:
 
 @app.command()
 def main(
-    verifiers: str = typer.Option(..., envvar="SPECMESH_SCHEDULER_VERIFIERS", help="host:port,... of verifiers."),
+    verifiers: str = typer.Option("", envvar="SPECMESH_SCHEDULER_VERIFIERS",
+                                  help="host:port,... of verifiers (--discovery static)."),
     drafters: str = typer.Option("", envvar="SPECMESH_SCHEDULER_DRAFTERS", help="host:port,... of drafters."),
     host: str = typer.Option("127.0.0.1", envvar="SPECMESH_SCHEDULER_HOST"),
     port: int = typer.Option(50052, envvar="SPECMESH_SCHEDULER_PORT"),
@@ -34,6 +35,22 @@ def main(
     connect_wait_s: float = typer.Option(300.0, envvar="SPECMESH_SCHEDULER_CONNECT_WAIT_S"),
     replica_cooldown_s: float = typer.Option(5.0, envvar="SPECMESH_SCHEDULER_REPLICA_COOLDOWN_S"),
     grace_s: float = typer.Option(5.0, envvar="SPECMESH_SCHEDULER_GRACE_S"),
+    discovery: str = typer.Option("static", envvar="SPECMESH_SCHEDULER_DISCOVERY",
+                                  help="static (--verifiers/--drafters), dns (headless Services, NAME:PORT) or "
+                                       "kubernetes (watch the Services' EndpointSlices)."),
+    verifier_service: str = typer.Option("", envvar="SPECMESH_SCHEDULER_VERIFIER_SERVICE",
+                                         help="dns: NAME:PORT; kubernetes: Service name of the verifier pool."),
+    drafter_service: str = typer.Option("", envvar="SPECMESH_SCHEDULER_DRAFTER_SERVICE",
+                                        help="dns: NAME:PORT; kubernetes: Service name of the drafter pool "
+                                             "(empty: no drafters)."),
+    namespace: str = typer.Option("", envvar="SPECMESH_SCHEDULER_NAMESPACE",
+                                  help="kubernetes: namespace of the Services (default: the pod's own)."),
+    grpc_port_name: str = typer.Option("grpc", envvar="SPECMESH_SCHEDULER_GRPC_PORT_NAME",
+                                       help="kubernetes: name of the Service port to dial (empty: its only port)."),
+    kubeconfig: str = typer.Option("", envvar="SPECMESH_SCHEDULER_KUBECONFIG",
+                                   help="kubernetes: kubeconfig file (default: in-cluster ServiceAccount)."),
+    dns_refresh_s: float = typer.Option(5.0, envvar="SPECMESH_SCHEDULER_DNS_REFRESH_S",
+                                        help="dns: seconds between lookups."),
     log_level: str = typer.Option("INFO", envvar="SPECMESH_LOG_LEVEL"),
     metrics_port: int = typer.Option(0, envvar="SPECMESH_SCHEDULER_METRICS_PORT",
                                      help="Serve Prometheus /metrics on this port (0 = off)."),
@@ -48,13 +65,20 @@ def main(
     from specmesh.telemetry import setup_telemetry
 
     setup_telemetry("scheduler", trace_file or None)
-    run(SchedulerConfig(
-        verifiers=_split(verifiers), drafters=_split(drafters), host=host, port=port, policy=policy,
-        draft_length=draft_length, max_draft_tokens=max_draft_tokens, redis_url=redis_url or None,
-        max_batch_sessions=max_batch_sessions, max_tokens_limit=max_tokens_limit,
-        verify_timeout_s=verify_timeout_s, draft_timeout_s=draft_timeout_s, connect_wait_s=connect_wait_s,
-        replica_cooldown_s=replica_cooldown_s, grace_s=grace_s, metrics_port=metrics_port,
-    ))
+    try:
+        config = SchedulerConfig(
+            verifiers=_split(verifiers), drafters=_split(drafters), host=host, port=port, policy=policy,
+            draft_length=draft_length, max_draft_tokens=max_draft_tokens, redis_url=redis_url or None,
+            max_batch_sessions=max_batch_sessions, max_tokens_limit=max_tokens_limit,
+            verify_timeout_s=verify_timeout_s, draft_timeout_s=draft_timeout_s, connect_wait_s=connect_wait_s,
+            discovery=discovery, verifier_service=verifier_service, drafter_service=drafter_service,
+            namespace=namespace, grpc_port_name=grpc_port_name, kubeconfig=kubeconfig, dns_refresh_s=dns_refresh_s,
+            replica_cooldown_s=replica_cooldown_s, grace_s=grace_s, metrics_port=metrics_port,
+        )
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    run(config)
 
 
 if __name__ == "__main__":

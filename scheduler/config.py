@@ -22,10 +22,24 @@ class SchedulerConfig:
     connect_wait_s: float = 300.0  # how long start-up waits for a first verifier
     replica_cooldown_s: float = 5.0  # a failed replica is retried after this
     grace_s: float = 5.0
+    # Where verifiers and drafters come from (scheduler/discovery.py): "static" (the lists above),
+    # "dns" (the services below are NAME:PORT of headless Services) or "kubernetes" (they are
+    # Service names whose EndpointSlices are watched in `namespace`).
+    discovery: str = "static"
+    verifier_service: str = ""
+    drafter_service: str = ""  # empty: no drafters (verifier alone)
+    namespace: str = ""  # kubernetes: empty = the pod's own namespace, or the kubeconfig context's
+    grpc_port_name: str = "grpc"  # kubernetes: the Service port to use (empty: its only port)
+    kubeconfig: str = ""  # kubernetes: empty = in-cluster config, else $KUBECONFIG / ~/.kube/config
+    dns_refresh_s: float = 5.0  # dns: how often names are resolved again
     metrics_port: int = 0  # serve Prometheus /metrics on host:metrics_port; 0 = off
 
     def __post_init__(self) -> None:
         if self.policy not in ("adaptive", "fixed"):
             raise ValueError(f"policy must be 'adaptive' or 'fixed', got {self.policy!r}")
-        if not self.verifiers:
+        if self.discovery not in ("static", "dns", "kubernetes"):
+            raise ValueError(f"discovery must be 'static', 'dns' or 'kubernetes', got {self.discovery!r}")
+        if self.discovery != "static" and not self.verifier_service:
+            raise ValueError(f"--discovery {self.discovery} needs --verifier-service")
+        if self.discovery == "static" and not self.verifiers:
             raise ValueError("at least one verifier endpoint is required")

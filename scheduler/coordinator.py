@@ -44,6 +44,8 @@ class Coordinator:
         self.tokenizer_fingerprint: str | None = None
         self._loops: dict[str, SpeculationLoop] = {}
         self._home: dict[str, str] = {}  # session id -> verifier endpoint
+        self._retired: set[SpeculationLoop] = set()  # loops of verifiers that discovery removed
+        self._background: set[asyncio.Task] = set()
         self.num_verifier_failovers = 0
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -145,8 +147,12 @@ class Coordinator:
     def _verifier_lost(self, loop: SpeculationLoop, entries: list[SessionEntry], error: BackendUnavailable) -> None:
         endpoint = error.endpoint
         log.warning("verifier %s lost (%s); moving %d sessions", endpoint, error, len(entries))
-        self.verifiers.mark_failed(endpoint)
-        self._loops.pop(endpoint, None)
+        if isinstance(error, EndpointWithdrawn):
+            self._retire(loop, entries)  # out of the pool already: no cooldown needed
+        else:
+            self.verifiers.mark_failed(endpoint)
+        if self._loops.get(endpoint) is loop:
+            del self._loops[endpoint]
         for entry in entries:
             # The new verifier holds nothing: re-prefill from the committed tokens.
             entry.session.verifier_cached = 0
@@ -189,7 +195,7 @@ class Coordinator:
             self.prompt_lengths.pop(session.session_id, None)
 
     async def close(self) -> None:
-        for loop in self._loops.values():
+        for loop in [*self._loops.values(), *self._retired]:
             await loop.close()
         for endpoint, client in self.verifiers.clients().items():
             await client.close()
@@ -200,4 +206,57 @@ class Coordinator:
             if resource is not None and hasattr(resource, "close"):
                 await resource.close()
 
+    # ---- discovery (scheduler/discovery.py) ---------------------------------------------------
+    def endpoints_changed(self) -> None:
+        """The verifier pool changed. A verifier that left has its sessions moved now, by the same
+        path as a verifier that failed: its loop finishes the round in flight, then its next Verify
+        raises EndpointWithdrawn and _verifier_lost re-homes every session (re-prefill elsewhere).
+        A newcomer needs nothing here: placement reads the pool for every new session."""
+        present = set(self.verifiers.source.endpoints())
+        for endpoint, loop in list(self._loops.items()):
+            if endpoint in present:
+                continue
+            del self._loops[endpoint]
+            self._retired.add(loop)
+            loop.verifier = WithdrawnVerifier(loop.verifier, endpoint)
+            if loop.num_sessions:
+                log.info("verifier %s left the pool; moving its %d sessions", endpoint, loop.num_sessions)
+                loop.wake()
+            else:
+                self._retire(loop, [])
 
+    def _retire(self, loop: SpeculationLoop, moved: list[SessionEntry]) -> None:
+        """Stop a withdrawn verifier's loop and free the moved sessions' slots there (the pod may
+        well be alive, only not ready), in the background."""
+        async def retire() -> None:
+            try:
+                await loop.close()
+                if moved:
+                    await loop.verifier.release([entry.session.session_id for entry in moved])
+            except Exception:  # noqa: BLE001 - best effort: the verifier evicts idle sessions itself
+                pass
+            finally:
+                self._retired.discard(loop)
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class EndpointWithdrawn(BackendUnavailable):
+    """Discovery removed this verifier from the pool (scaled down, not ready, replaced)."""
+
+
+class WithdrawnVerifier:
+    """Takes a withdrawn verifier's place in its loop: the next Verify raises EndpointWithdrawn,
+    which moves the loop's sessions; Release still reaches the pod."""
+
+    def __init__(self, client, endpoint: str) -> None:
+        self.client = client
+        self.endpoint = endpoint
+
+    async def verify(self, items):
+        raise EndpointWithdrawn(self.endpoint, "left the pool (discovery)")
+
+    async def release(self, session_ids) -> None:
+        await self.client.release(session_ids)

@@ -33,6 +33,10 @@ class RemoteDrafter(RemoteReplica):
         self._reader: asyncio.Task | None = None
         self._sequence = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, list[drafter_pb2.DraftChunk]]] = {}
+        # One write at a time on the stream: several speculation loops (one per verifier) draft
+        # through the same drafter concurrently, and gRPC refuses overlapping writes
+        # (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), which would look like a lost drafter.
+        self._write_lock = asyncio.Lock()
 
     def _ensure_stream(self) -> aio.StreamStreamCall:
         if self._call is None or self._call.done():
@@ -75,14 +79,15 @@ class RemoteDrafter(RemoteReplica):
         loop = asyncio.get_running_loop()
         waits: list[tuple[int, asyncio.Future]] = []
         try:
-            for request in requests:
-                sequence = next(self._sequence)
-                future = loop.create_future()
-                self._pending[sequence] = (future, [])
-                waits.append((sequence, future))
-                generated = request.num_cached_tokens + len(request.new_tokens) - self._prompt_lengths.get(
-                    request.session_id, 0)
-                await call.write(convert.draft_request(request, sequence, max(generated, 0)))
+            async with self._write_lock:
+                for request in requests:
+                    sequence = next(self._sequence)
+                    future = loop.create_future()
+                    self._pending[sequence] = (future, [])
+                    waits.append((sequence, future))
+                    generated = request.num_cached_tokens + len(request.new_tokens) - self._prompt_lengths.get(
+                        request.session_id, 0)
+                    await call.write(convert.draft_request(request, sequence, max(generated, 0)))
         except (aio.AioRpcError, asyncio.InvalidStateError, RuntimeError) as error:
             self._abandon(waits)
             raise BackendUnavailable(self.endpoint, f"cannot write to draft stream: {error!r}")

@@ -1,8 +1,9 @@
 """The replicas of one kind (drafters or verifiers) this scheduler can use, and which are live.
 
-Endpoints come from an EndpointSource (a static list today; Kubernetes discovery plugs in
-behind the same interface). A replica that fails is benched for a cooldown and then tried
-again, so a restarted pod rejoins without anyone telling us.
+Endpoints come from an EndpointSource: a static list, or discovery (DNS of a headless Service,
+or watched EndpointSlices; scheduler/discovery.py) behind the same interface. A replica that
+fails is benched for a cooldown and then tried again, so a restarted pod rejoins without anyone
+telling us.
 """
 
 from __future__ import annotations
@@ -64,3 +65,8 @@ class ReplicaPool(Generic[Client]):
 
     def clients(self) -> dict[str, Client]:
         return dict(self._clients)
+
+    def forget(self, endpoint: str) -> Client | None:
+        """Drop what is known of an endpoint that left (discovery); returns its client to close."""
+        self._benched_until.pop(endpoint, None)
+        return self._clients.pop(endpoint, None)

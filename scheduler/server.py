@@ -39,14 +39,19 @@ class RunningScheduler:
         await self.service.stop()
 
 
-def build_coordinator(config: SchedulerConfig) -> Coordinator:
+def build_coordinator(config: SchedulerConfig, sources: tuple | None = None) -> Coordinator:
+    """sources: (verifier source, drafter source or None); default: the static lists."""
+    if sources is None:
+        sources = (StaticEndpoints(list(config.verifiers)),
+                   StaticEndpoints(list(config.drafters)) if config.drafters else None)
+    verifier_source, drafter_source = sources
     prompt_lengths: dict[str, int] = {}
-    verifiers = ReplicaPool(StaticEndpoints(list(config.verifiers)),
+    verifiers = ReplicaPool(verifier_source,
                             lambda e: RemoteVerifier(e, config.verify_timeout_s, prompt_lengths),
                             cooldown_s=config.replica_cooldown_s)
     drafters = None
-    if config.drafters:
-        drafters = DrafterRouter(ReplicaPool(StaticEndpoints(list(config.drafters)),
+    if drafter_source is not None:
+        drafters = DrafterRouter(ReplicaPool(drafter_source,
                                              lambda e: RemoteDrafter(e, config.draft_timeout_s, prompt_lengths),
                                              cooldown_s=config.replica_cooldown_s))
     registry = None
@@ -71,12 +76,18 @@ def build_coordinator(config: SchedulerConfig) -> Coordinator:
 
 async def start_scheduler(config: SchedulerConfig) -> RunningScheduler:
     """Listen at once (health NOT_SERVING), connect to the pools, then report SERVING."""
-    coordinator = build_coordinator(config)
+    from scheduler.discovery import PoolFollower, make_endpoint_sources
+
+    coordinator = build_coordinator(config, make_endpoint_sources(config))
+    # Dynamic pools (dns, kubernetes) are followed from here on; static ones are a no-op.
+    follower = PoolFollower(coordinator)
     service = GrpcService(config.host, config.port, [SERVICE_NAME], grace_s=config.grace_s)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(coordinator), service.server)
+    service.on_stop(follower.close)
     service.on_stop(coordinator.close)
     await service.start()
     serve_metrics_for(service, config.metrics_port, config.host)
+    await follower.start()
     await coordinator.connect(wait_s=config.connect_wait_s)
     await service.set_serving()
     return RunningScheduler(service, coordinator)

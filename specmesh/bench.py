@@ -9,6 +9,7 @@ latency), aggregate tokens/s (all tokens over wall time), TTFT and time per outp
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -113,7 +114,8 @@ async def run_bench(target: str, requests: list[dict], concurrency_levels: Seque
                     progress=None) -> list[dict]:
     """Modes alternate in slices (off, on, off, on, ...) at each concurrency level."""
     summaries = []
-    clients = {t: AsyncSpecmeshClient(t) for t in {target, *(m.target for m in modes if m.target)}}
+    api_key = os.environ.get("SPECMESH_API_KEY")
+    clients = {t: AsyncSpecmeshClient(t, api_key=api_key) for t in {target, *(m.target for m in modes if m.target)}}
     try:
         for client in clients.values():
             # Warm-up: first requests pay one-off costs (kernel selection, caches) in every service.

@@ -101,7 +101,7 @@ def _generate_remote(target: str, prompt: str, chat: bool, max_tokens: int, temp
     request = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
     last = None
     try:
-        with SpecmeshClient(target) as client:
+        with SpecmeshClient(target, api_key=os.environ.get("SPECMESH_API_KEY")) as client:
             for delta in client.stream(**request, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                        top_k=top_k, seed=seed):
                 sys.stdout.write(delta.text)
@@ -140,8 +140,12 @@ def up(
     verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier model REF."),
     drafter: str = typer.Option(DEFAULT_DRAFTER, help="Drafter REF ('prompt-lookup', 'layers:N', 'none' or a model)."),
     port: int = typer.Option(50051, help="Gateway gRPC port."),
+    http_port: int = typer.Option(8000, "--http-port", help="Gateway OpenAI-compatible HTTP port (0: off)."),
     redis_url: str | None = typer.Option(None, "--redis-url",
-                                         help="Share scheduler calibration through Redis (default: in-memory)."),
+                                         help="Share scheduler calibration and gateway rate limits through Redis "
+                                              "(default: in-memory)."),
+    api_keys_file: str | None = typer.Option(None, "--api-keys-file",
+                                             help="Require one of these API keys (one per line, or sha256:<hex>)."),
     policy: str = typer.Option("adaptive", help="Scheduler policy: adaptive or fixed."),
     draft_length: int = typer.Option(4, "--draft-length", help="Draft length of the fixed policy."),
     log_dir: str | None = typer.Option(None, "--log-dir", help="Write each service's log to DIR/<service>.log."),
@@ -155,14 +159,16 @@ def up(
     from specmesh.local_cluster import ClusterStartError, LocalCluster
 
     cluster = LocalCluster(verifier=verifier, drafter=drafter, port=port, draft_length=draft_length,
-                           policy=policy, redis_url=redis_url, log_dir=Path(log_dir) if log_dir else None,
+                           policy=policy, redis_url=redis_url, http_port=http_port or None,
+                           api_keys_file=api_keys_file, log_dir=Path(log_dir) if log_dir else None,
                            trace_file=Path(trace_file) if trace_file else None)
     typer.echo("specmesh up: starting verifier, drafter, scheduler, gateway ...", err=True)
     try:
         cluster.start()
     except ClusterStartError as error:
         _fail(error)
-    typer.echo(f"specmesh gateway listening on {cluster.gateway_address} (gRPC)")
+    typer.echo(f"specmesh gateway listening on {cluster.gateway_address} (gRPC)"
+               + (f" and http://127.0.0.1:{http_port}/v1 (OpenAI-compatible HTTP)" if http_port else ""))
     typer.echo("press Ctrl-C to stop", err=True)
     code = 0
     try:
@@ -251,6 +257,36 @@ def tune(
     if plot:
         plot_report(report, plot)
         typer.echo(f"plot written to {plot}", err=True)
+
+
+@app.command("train-drafter")
+def train_drafter(
+    verifier: str = typer.Option(..., help="Verifier model REF the drafter is trained for."),
+    out: str = typer.Option(..., "--out", help="Directory to write the drafter to (then a REF for --drafter)."),
+    layers: int = typer.Option(2, help="Decoder layers of the drafter."),
+    hidden: int | None = typer.Option(None, help="Hidden size (default: the verifier's; then the drafter shares "
+                                                 "the verifier's frozen embedding and LM head)."),
+    prompts: str | None = typer.Option(None, "--prompts", help="JSONL of {\"prompt\"} or {\"messages\"} lines "
+                                                              "(default: built-in chat, code, structured prompts)."),
+    minutes: float = typer.Option(10.0, help="Time for data generation and training; evaluation follows."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    max_data_tokens: int | None = typer.Option(None, "--max-data-tokens", help="Stop generating data after N tokens."),
+    seed: int = typer.Option(0, help="Seed of the data split, sampling and initialisation."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Distil a drafter (with a confidence head) for VERIFIER from its own sampled generations;
+    write a directory that --drafter loads, with a held-out evaluation (eval.json, eval.png)."""
+    _setup_logging(verbose)
+    from specmesh.drafter_training.command import format_summary, run_train_drafter
+    from specmesh.drafter_training.train import TrainOptions
+
+    options = TrainOptions(num_layers=layers, hidden_size=hidden, minutes=minutes, device=device,
+                           prompts_file=prompts, max_data_tokens=max_data_tokens, seed=seed)
+    try:
+        report = run_train_drafter(verifier, out, options)
+    except (SpecmeshError, ValueError) as error:
+        _fail(error)
+    typer.echo(format_summary(report, out))
 
 
 def main() -> None:

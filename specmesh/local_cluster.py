@@ -77,6 +77,8 @@ class LocalCluster:
     draft_length: int = 4
     policy: str = "adaptive"
     redis_url: str | None = None
+    http_port: int | None = None
+    api_keys_file: str | None = None
     start_timeout_s: float = 600.0
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -127,6 +129,12 @@ class LocalCluster:
             scheduler = self._spawn("scheduler", free_port(), scheduler_args)
             wait_serving(scheduler.address, self.start_timeout_s, scheduler.process)
             gateway_args = ["--model", self.verifier, "--scheduler", scheduler.address]
+            if self.http_port:
+                gateway_args += ["--http-port", str(self.http_port)]
+            if self.api_keys_file:
+                gateway_args += ["--api-keys-file", self.api_keys_file]
+            if self.redis_url:
+                gateway_args += ["--redis-url", self.redis_url]
             gateway = self._spawn("gateway", self.port, gateway_args)
             wait_serving(gateway.address, self.start_timeout_s, gateway.process)
         except BaseException:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from specmesh.local_cluster import free_port, wait_serving
@@ -51,9 +52,10 @@ def test_generate_reports_bad_input_clearly(model_dir):
 
 
 def test_up_serves_generate_target_and_stops_cleanly_on_sigint(model_dir, tmp_path):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     up = subprocess.Popen([sys.executable, "-m", "specmesh.cli", "up", "--verifier", str(model_dir), "--drafter",
-                           str(model_dir), "--port", str(port), "--log-dir", str(tmp_path)],
+                           str(model_dir), "--port", str(port), "--http-port", str(http_port),
+                           "--log-dir", str(tmp_path)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
     try:
         wait_serving(f"127.0.0.1:{port}", 120, up)
@@ -62,6 +64,11 @@ def test_up_serves_generate_target_and_stops_cleanly_on_sigint(model_dir, tmp_pa
                          "12", PROMPT)
         assert remote.returncode == 0, remote.stderr
         assert remote.stdout == local.stdout
+        # The same cluster answers OpenAI-style HTTP.
+        reply = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", timeout=60,
+                           json={"model": str(model_dir), "prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"].strip() == local.stdout.strip()
         up.send_signal(signal.SIGINT)
         stdout, _ = up.communicate(timeout=60)
         assert up.returncode == 0
