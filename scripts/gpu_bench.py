@@ -44,6 +44,7 @@ from drafter.controlled_acceptance import ControlledAcceptanceDrafter  # noqa: E
 from drafter.server import start_drafter  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402
 from scheduler.server import start_scheduler  # noqa: E402
+from specmesh import fused_ops  # noqa: E402
 from specmesh.distributions import greedy_draft_distributions  # noqa: E402
 from specmesh.model_runner import ForwardRequest, ModelRunner  # noqa: E402
 from specmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
@@ -212,6 +213,19 @@ def device_checks(verifier_model: torch.nn.Module, device: torch.device) -> dict
     out["verifier_bf16_vs_padded_layout"] = check_runner(verifier_model, reference, sessions=3, context=48,
                                                          steps=3, q=4)
     del padded
+    if device.type == "cuda":  # the same layout without graphs: isolates what capture changes
+        eager = ModelRunner(verifier_model, 2, 128, cuda_graphs=False)
+
+        def eager_reference(tokens):
+            slot = eager.cache.allocate()
+            try:
+                return eager.forward([ForwardRequest(slot, tokens, len(tokens) - 4)])[0]
+            finally:
+                eager.cache.free(slot)
+
+        out["verifier_bf16_graphs_vs_eager_packed"] = check_runner(verifier_model, eager_reference, sessions=3,
+                                                                   context=48, steps=3, q=4)
+        del eager
     torch.cuda.synchronize(device) if device.type == "cuda" else None
     log.info("device checks: %s", out)
     return out
@@ -224,23 +238,24 @@ class RoundCounter:
 
     def __init__(self) -> None:
         self.accepted = self.trials = self.verified = self.rounds = 0
-        from scheduler import budget_policy
+        from scheduler import budget_policy, draft_policy
 
-        original = budget_policy.AdaptiveBudgetPolicy.observe
-        counter = self
+        for policy_class in (budget_policy.AdaptiveBudgetPolicy, draft_policy.FixedDraftLength):
+            policy_class.observe = self._counting(policy_class.observe)
 
+    def _counting(self, original):
         async def observe(policy, outcomes):
             for outcome in outcomes:
                 if outcome.result.cache_miss:
                     continue
                 verified, accepted = len(outcome.item.draft_tokens), outcome.result.accepted_count
-                counter.rounds += 1
-                counter.verified += verified
-                counter.accepted += accepted
-                counter.trials += accepted + (1 if accepted < verified else 0)
+                self.rounds += 1
+                self.verified += verified
+                self.accepted += accepted
+                self.trials += accepted + (1 if accepted < verified else 0)
             return await original(policy, outcomes)
 
-        budget_policy.AdaptiveBudgetPolicy.observe = observe
+        return observe
 
     def take(self) -> dict:
         out = {"alpha_hat": self.accepted / self.trials if self.trials else 0.0,
@@ -382,12 +397,32 @@ async def main_async(args) -> dict:
     result["drafter_cost"] = await drafter.worker.run_exclusive(
         lambda: cost_curves(drunner, [(1, 1), (4, 1), (16, 1), (64, 1), (1, 4)], [(1, 1), (16, 1), (64, 1)],
                             context=context, reps=reps, drafter_top_k=8))
-    if not args.skip_baselines:
-        result["verifier_cost_padded_layout"] = await verifier.batcher.run_exclusive(
-            lambda: padded_cost(verifier_model, [(1, 1), (16, 4), (64, 4)], slots=64, max_context=max_context,
-                                context=context, reps=reps))
-        result["hf_generate"] = [await verifier.batcher.run_exclusive(
-            lambda b=b: hf_generate(verifier_model, b, 8 if tiny else 32, 128, device)) for b in (1, 16)]
+    # Without the fused kernels (specmesh/fused_ops.py): what they buy, and the baselines as
+    # they were (the old padded runner and plain HF generate had none).
+    def unfused(model, runner, work):
+        fused_ops.uninstall(model)
+        if runner.packed is not None and runner.packed.graphs is not None:
+            runner.packed.graphs.clear()
+        try:
+            return work()
+        finally:
+            fused_ops.install(model)
+            if runner.packed is not None and runner.packed.graphs is not None:
+                runner.packed.graphs.clear()
+
+    def verifier_unfused():
+        out = {"verifier_cost_unfused": cost_curves(vrunner, [(1, 1), (16, 4), (64, 4)], [], context=context,
+                                                     reps=reps)}
+        if not args.skip_baselines:
+            out["verifier_cost_padded_layout"] = padded_cost(verifier_model, [(1, 1), (16, 4), (64, 4)], slots=64,
+                                                             max_context=max_context, context=context, reps=reps)
+            out["hf_generate"] = [hf_generate(verifier_model, b, 8 if tiny else 32, 128, device) for b in (1, 16)]
+        return out
+
+    result.update(await verifier.batcher.run_exclusive(lambda: unfused(verifier_model, vrunner, verifier_unfused)))
+    result["drafter_cost_unfused"] = await drafter.worker.run_exclusive(lambda: unfused(
+        drafter_model, drunner, lambda: cost_curves(drunner, [(1, 1), (64, 1)], [], context=context, reps=reps,
+                                                    drafter_top_k=8)))
     meta["cost_curves_s"] = time.perf_counter() - t0
     v1 = next(r["ms"] for r in result["verifier_cost"] if r["batch_tokens"] == 1)
     d1 = next(r["ms"] for r in result["drafter_cost"] if r["sessions"] == 1 and r["tokens_per_session"] == 1)
@@ -406,11 +441,16 @@ async def main_async(args) -> dict:
                       "drafter": len(drunner.packed.graphs) if drunner.packed and drunner.packed.graphs else 0}
     log.info("setup done at %.0f s: %s", time.perf_counter() - started, meta)
 
+    # One adaptive scheduler per alpha (each learns its own calibration), one with a fixed gamma.
     schedulers = {}
     for alpha in args.alphas:
         schedulers[alpha] = await start_scheduler(SchedulerConfig(
             verifiers=(verifier.address,), drafters=(drafter.address,), policy="adaptive",
             max_draft_tokens=args.max_draft_tokens, max_batch_sessions=slots, connect_wait_s=30))
+    if args.fixed_gamma > 0:
+        schedulers["fixed"] = await start_scheduler(SchedulerConfig(
+            verifiers=(verifier.address,), drafters=(drafter.address,), policy="fixed",
+            draft_length=args.fixed_gamma, max_batch_sessions=slots, connect_wait_s=30))
     def graph_state() -> dict:
         out = {}
         for name, runner in (("verifier", vrunner), ("drafter", drunner)):
@@ -440,11 +480,11 @@ async def main_async(args) -> dict:
         summary.update(rounds.take())
         return samples, summary
 
-    async def controlled(alpha: float, batch: list[list[int]], references: list[list[int]]):
-        ids = [f"a{alpha}-{next(counter)}" for _ in batch]
+    async def controlled(alpha: float, batch: list[list[int]], references: list[list[int]], policy: str = "adaptive"):
+        ids = [f"a{alpha}-{policy}-{next(counter)}" for _ in batch]
         for rid, prompt, ref in zip(ids, batch, references):
             drafter_core.register(rid, prompt + ref, alpha)
-        samples, summary = await run_slice(stubs[alpha], batch, True, ids)
+        samples, summary = await run_slice(stubs[alpha if policy == "adaptive" else "fixed"], batch, True, ids)
         summary["diverged_sessions"] = drafter_core.num_diverged_among(ids)
         drafter_core.forget(ids)
         return samples, summary
@@ -453,9 +493,21 @@ async def main_async(args) -> dict:
     t0 = time.perf_counter()
     warm = prompts(4)
     warm_refs, _ = await run_slice(stubs[args.alphas[0]], warm, False, [f"w{next(counter)}" for _ in warm])
-    for alpha in args.alphas:
-        for _ in range(2):
+    # Exploration: with an empty calibration (prior acceptance 0.5) and no measured draft cost the
+    # adaptive policy finds drafting not worth it and, never drafting, never learns otherwise
+    # (seen on the first GPU run). So its first rounds draft a fixed 4 tokens; then it decides.
+    from scheduler import budget_policy
+
+    plan_drafts = budget_policy.AdaptiveBudgetPolicy._plan_drafts
+    budget_policy.AdaptiveBudgetPolicy._plan_drafts = lambda self, sessions, caps: {
+        s.session_id: min(4, cap) for s, cap in zip(sessions, caps)}
+    try:
+        for alpha in args.alphas:
             await controlled(alpha, warm, [s["tokens"] for s in warm_refs])
+    finally:
+        budget_policy.AdaptiveBudgetPolicy._plan_drafts = plan_drafts
+    for alpha in args.alphas:
+        await controlled(alpha, warm, [s["tokens"] for s in warm_refs])
     meta["warmup_s"] = time.perf_counter() - t0
 
     levels = []
@@ -465,6 +517,10 @@ async def main_async(args) -> dict:
             result.setdefault("skipped_levels", []).append(concurrency)
             continue
         modes: dict[str, list[dict]] = {"off": []}
+        # The drafter batches syncs that arrive within batch_wait of the first; one session
+        # needs no wait (a round's syncs arrive as one burst, one message per session).
+        drafter.worker.batch_wait_s = 0.0 if concurrency == 1 else 0.001
+        policies = ["adaptive"] + (["fixed"] if args.fixed_gamma > 0 else [])
         repeats = args.repeats
         per_slice = max(concurrency, args.min_requests // repeats) if concurrency == 1 else concurrency
         captured = graph_state()
@@ -481,11 +537,13 @@ async def main_async(args) -> dict:
                     modes["off"].append(summary)
             references = [s["tokens"] for s in samples_off]
             for alpha in args.alphas:
-                for start in range(0, len(batch), concurrency):
-                    _, summary = await controlled(alpha, batch[start:start + concurrency],
-                                                  references[start:start + concurrency])
-                    if measured:
-                        modes.setdefault(f"alpha={alpha}", []).append(summary)
+                for policy in policies:
+                    for start in range(0, len(batch), concurrency):
+                        _, summary = await controlled(alpha, batch[start:start + concurrency],
+                                                      references[start:start + concurrency], policy)
+                        if measured:
+                            name = f"a{alpha} " + ("adapt" if policy == "adaptive" else f"fix{args.fixed_gamma}")
+                            modes.setdefault(name, []).append(summary)
             if repeat == 0:
                 captured = graph_state()  # graphs captured after the warm-up show in graphs_at_end
         level = {"concurrency": concurrency, "modes": {}, "graphs_at_start": captured, "graphs_at_end": graph_state()}
@@ -496,7 +554,7 @@ async def main_async(args) -> dict:
             summary["aggregate_vs_off"] = summary["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"]
             summary["per_user_vs_off"] = summary["per_user_tokens_per_s"] / base["per_user_tokens_per_s"]
             if mode != "off":
-                alpha = float(mode.split("=")[1])
+                alpha = float(mode.split()[0][1:])
                 summary["ceiling"] = ceiling(summary["alpha_hat"], summary["gamma"], result["cost_ratio_c"])
                 summary["ceiling_nominal_alpha"] = ceiling(alpha, summary["gamma"], result["cost_ratio_c"])
         levels.append(level)
@@ -547,6 +605,10 @@ def table(result: dict) -> str:
     lines.append("drafter ms/step by sessions: " + ", ".join(
         f"{r['sessions']}x{r['tokens_per_session']}={r['ms']:.2f}" + (f" (eager {r['ms_eager']:.1f})" if "ms_eager" in r else "")
         for r in result["drafter_cost"]))
+    for name in ("verifier_cost_unfused", "drafter_cost_unfused"):
+        if name in result:
+            lines.append(f"{name.split('_')[0]} without fused norms ms: " + ", ".join(
+                f"{r['sessions']}x{r['tokens_per_session']}={r['ms']:.2f}" for r in result[name]))
     if "verifier_cost_padded_layout" in result:
         lines.append("old padded layout (eager) ms: " + ", ".join(
             f"{r['sessions']}x{r['tokens_per_session']}={r['ms']:.1f}" for r in result["verifier_cost_padded_layout"]))
@@ -554,12 +616,12 @@ def table(result: dict) -> str:
         lines.append("HF generate: " + ", ".join(
             f"batch {r['batch']}: {r['ms_per_step']:.1f} ms/step, {r['aggregate_tokens_per_s']:.0f} tok/s"
             for r in result["hf_generate"]))
-    lines.append(f"{'conc':>4} {'mode':>10} {'agg tok/s':>9} {'x off':>6} {'user tok/s':>10} {'x off':>6} "
+    lines.append(f"{'conc':>4} {'mode':>12} {'agg tok/s':>9} {'x off':>6} {'user tok/s':>10} {'x off':>6} "
                  f"{'alpha^':>6} {'gamma':>5} {'tau':>5} {'ttft ms':>7} {'tpot ms':>7} {'v.busy':>6} {'ceiling':>7}")
     for level in result.get("levels", []):
         for mode, s in level["modes"].items():
             lines.append(
-                f"{level['concurrency']:>4} {mode:>10} {s['aggregate_tokens_per_s']:>9.1f} {s['aggregate_vs_off']:>6.2f} "
+                f"{level['concurrency']:>4} {mode:>12} {s['aggregate_tokens_per_s']:>9.1f} {s['aggregate_vs_off']:>6.2f} "
                 f"{s['per_user_tokens_per_s']:>10.1f} {s['per_user_vs_off']:>6.2f} {s['alpha_hat']:>6.1%} "
                 f"{s['gamma']:>5.2f} {s['tau']:>5.2f} {s['ttft_p50_ms']:>7.1f} {s['tpot_p50_ms']:>7.2f} "
                 f"{s['verifier_busy_fraction']:>6.1%} {s.get('ceiling', 1.0):>7.2f}")
@@ -576,6 +638,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-draft-tokens", type=int, default=8)
     parser.add_argument("--draft-ahead", type=int, default=0)
+    parser.add_argument("--fixed-gamma", type=int, default=4, help="also run a fixed-gamma scheduler (0: no)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=6, help="requests per mode at concurrency 1")
     parser.add_argument("--slots", type=int, default=72)

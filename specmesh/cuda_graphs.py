@@ -81,6 +81,10 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def clear(self) -> None:
+        """Drop every graph (after the model's modules changed: graphs replay what they captured)."""
+        self._graphs.clear()
+
     def fits(self, key: GraphKey) -> bool:
         return key.tokens <= MAX_GRAPH_TOKENS and key.input_size <= self.inputs.numel()
 

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from specmesh import slot_attention
+from specmesh import fused_ops, slot_attention
 from specmesh.errors import CapacityError
 from specmesh.kv_cache import CacheShape, SlotKVCache
 from specmesh.packed_forward import PackedForward
@@ -76,6 +76,8 @@ class ModelRunner:
         # that runs forwards (each service runs every forward and its sampler on one worker
         # thread): a drafter and a verifier sharing a GPU then overlap instead of queueing
         # behind each other on the one legacy default stream.
+        # CUDA, half precision: fused kernels where HF runs chains of tiny ones (fused_ops.py).
+        self.num_fused_modules = fused_ops.install(model) if os.environ.get("SPECMESH_FUSED_OPS", "1") != "0" else 0
         self.stream: torch.cuda.Stream | None = None
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)
