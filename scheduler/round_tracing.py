@@ -39,6 +39,8 @@ ROUND_ATTRIBUTES = {
     "specmesh.round.confidences": "drafter confidence of each drafted token (float array)",
     "specmesh.round.batch_size": "sessions in the round's verify batch",
     "specmesh.round.batch_tokens": "tokens in the round's verify batch (new + draft, all sessions)",
+    "specmesh.round.batch_draft_tokens": "draft tokens in the round's verify batch (all sessions)",
+    "specmesh.round.policy": "adaptive (confidence x load) or fixed",
     "specmesh.round.prefill_tokens": "committed tokens this session sent to the verifier",
     "specmesh.round.queue_wait_s": "seconds the session waited between becoming ready and the round's start",
     "specmesh.round.draft_s": "seconds of the round's draft phase",
@@ -139,7 +141,9 @@ class RoundTrace:
             return
         batch_tokens = sum(len(i.new_tokens) + len(i.draft_tokens) for i in items)
         plan = getattr(policy, "last_plan", None)
-        common: dict[str, Any] = {"specmesh.round.batch_tokens": batch_tokens}
+        common: dict[str, Any] = {"specmesh.round.policy": "adaptive" if hasattr(policy, "last_plan") else "fixed",
+                                  "specmesh.round.batch_tokens": batch_tokens,
+                                  "specmesh.round.batch_draft_tokens": sum(len(i.draft_tokens) for i in items)}
         if plan is not None and set(plan.lengths) == set(self.spans):
             common["specmesh.round.expected_tokens"] = float(plan.expected_tokens)
             common["specmesh.round.planned_s"] = float(plan.round_seconds)

@@ -193,7 +193,54 @@ def server_interceptors() -> list:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor(tracer_provider=_state.tracer_provider, filter_=_is_traced_rpc)]
+    stock = aio_server_interceptor(tracer_provider=_state.tracer_provider, filter_=_is_traced_rpc)
+    return [_stream_safe(stock)]
+
+
+class _StartWithoutAttaching:
+    """Stands in for a tracer whose start_as_current_span only starts the span."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self.tracer = tracer
+
+    def start_as_current_span(self, name: str, kind: trace.SpanKind, attributes: dict, **_: Any):
+        import contextlib
+
+        return contextlib.nullcontext(self.tracer.start_span(name, kind=kind, attributes=attributes))
+
+
+def _stream_safe(stock: Any) -> Any:
+    """The stock interceptor, but server-streaming handlers keep their span current only while
+    each response is produced. The stock version stays attached across `yield`, and grpc.aio
+    finalizes an abandoned stream (the caller cancelled between two messages) in another task,
+    where detaching fails with "Failed to detach context" errors."""
+    from opentelemetry.instrumentation.grpc._aio_server import (OpenTelemetryAioServerInterceptor,
+                                                                _OpenTelemetryAioServicerContext)
+    from opentelemetry.instrumentation.grpc._server import OpenTelemetryServerInterceptor
+
+    class StreamSafeServerInterceptor(OpenTelemetryAioServerInterceptor):
+        def _intercept_aio_server_stream(self, behavior, handler_call_details):
+            starter = OpenTelemetryServerInterceptor(_StartWithoutAttaching(self._tracer))
+
+            async def _stream_interceptor(request_or_iterator, context):
+                with self._set_remote_context(context):  # the caller's context, for the parent only
+                    with starter._start_span(handler_call_details, context) as span:
+                        pass
+                wrapped = _OpenTelemetryAioServicerContext(context, span)
+                responses = iterate_in_span(span, behavior(request_or_iterator, wrapped))
+                try:
+                    async for response in responses:
+                        yield response
+                except Exception as error:
+                    if type(error) != Exception:  # noqa: E721 - bare Exceptions are aborts (stock rule)
+                        span.record_exception(error)
+                    raise
+                finally:
+                    span.end()
+
+            return _stream_interceptor
+
+    return StreamSafeServerInterceptor(stock._tracer, filter_=stock._filter)
 
 
 def client_interceptors() -> list:

@@ -15,7 +15,8 @@ scheduler's round spans (``specmesh.scheduler.round``, one per session per round
   costs T(g) = draft(g) + verify(n * (1 + g)) where draft() and verify() are least-squares
   fits of the rounds' measured draft and Verify seconds, and n the median batch size;
   speedup(g) = E(g) * T(0) / T(g) (Leviathan et al. with measured costs). The achieved
-  speedup uses the rounds' real committed tokens and seconds over the same T(0).
+  speedup is the rounds' real committed tokens per second over what plain decoding of the same
+  batches would have done: one token per session per verify(batch tokens - draft tokens).
 Rounds answered CACHE_MISS (re-prefills) are left out of every figure.
 """
 
@@ -49,9 +50,11 @@ class RoundRecord:
     confidences: tuple[float, ...]
     batch_size: int
     batch_tokens: int
+    batch_draft_tokens: int
     queue_wait_s: float
     draft_s: float
     verify_s: float
+    adaptive: bool = False  # chosen by the adaptive policy (else a fixed draft length)
 
     @classmethod
     def from_span(cls, span: SpanRecord) -> "RoundRecord | None":
@@ -65,8 +68,10 @@ class RoundRecord:
             accepted=int(a.get("specmesh.round.accepted", 0)), committed=int(a.get("specmesh.round.committed", 0)),
             confidences=tuple(float(c) for c in a.get("specmesh.round.confidences", ()) or ()),
             batch_size=int(a.get("specmesh.round.batch_size", 1)), batch_tokens=int(a.get("specmesh.round.batch_tokens", 0)),
+            batch_draft_tokens=int(a.get("specmesh.round.batch_draft_tokens", a.get("specmesh.round.verify_length", 0))),
             queue_wait_s=float(a.get("specmesh.round.queue_wait_s", 0.0)),
             draft_s=float(a.get("specmesh.round.draft_s", 0.0)), verify_s=float(a.get("specmesh.round.verify_s", 0.0)),
+            adaptive=a.get("specmesh.round.policy") == "adaptive" or "specmesh.round.expected_tokens" in a,
         )
 
 
@@ -135,6 +140,7 @@ class TuneReport:
     verify_cost: tuple[float, float] = (0.0, 0.0)  # seconds = a + b * batch tokens
     draft_cost: tuple[float, float] = (0.0, 0.0)  # seconds = a + b * draft steps (0 when none)
     queue_wait_p90_s: float = 0.0
+    policy: str = ""  # "adaptive", "fixed" or "mixed": what chose the traced rounds' lengths
     recommendations: list[str] = field(default_factory=list)
 
     @property
@@ -195,6 +201,8 @@ def analyze(spans: Iterable[SpanRecord], max_fixed_length: int = MAX_FIXED_LENGT
     report.calibration_error = (sum(b.tested * abs(b.rate - b.mean_confidence) for b in report.calibration) / tested
                                 if tested else 0.0)
     report.by_batch_size = batch_size_stats(rounds)
+    kinds = {r.adaptive for r in rounds}
+    report.policy = "mixed" if len(kinds) > 1 else ("adaptive" if True in kinds else "fixed") if kinds else ""
     if rounds:
         report.median_batch_size = max(1, int(statistics.median(r.batch_size for r in rounds)))
         waits = sorted(r.queue_wait_s for r in rounds)
@@ -292,9 +300,12 @@ def _speedups(report: TuneReport, rounds: Sequence[RoundRecord], max_length: int
         report.speedup.append(SpeedupPoint(length, tokens, seconds, tokens * base / seconds if seconds > 0 else 0.0))
     committed = statistics.fmean(r.committed for r in rounds)
     seconds = statistics.fmean(r.draft_s + r.verify_s for r in rounds)
+    # Plain decoding of the very same batches (prefills included): no drafting, no drafts.
+    plain = statistics.fmean(verify_a + verify_b * max(r.batch_tokens - r.batch_draft_tokens, r.batch_size)
+                             for r in rounds)
     mean_length = statistics.fmean(r.verify_length for r in rounds)
     report.achieved = SpeedupPoint(round(mean_length), committed, seconds,
-                                   committed * base / seconds if seconds > 0 else 0.0)
+                                   committed * plain / seconds if seconds > 0 else 0.0)
 
 
 def recommend(report: TuneReport) -> list[str]:
@@ -314,15 +325,17 @@ def recommend(report: TuneReport) -> list[str]:
                        f"`specmesh serve scheduler --policy fixed --draft-length {best.draft_length}`)")
         if report.achieved is not None and best.speedup > 0:
             ratio = report.achieved.speedup / best.speedup
+            achieved = f"the {report.policy} policy achieved {report.achieved.speedup:.2f}x, {ratio:.0%} of the best"
             if ratio >= 0.95:
-                out.append(f"the scheduler achieved {report.achieved.speedup:.2f}x, {ratio:.0%} of the best fixed "
-                           f"length: keep its policy")
+                out.append(f"{achieved}: keep it")
+            elif report.policy == "fixed":
+                out.append(f"{achieved}: use `--draft-length {best.draft_length}`, or the adaptive policy (the "
+                           f"default), which picks lengths per round from confidence and load")
             else:
-                out.append(f"the scheduler achieved {report.achieved.speedup:.2f}x, {ratio:.0%} of the best fixed "
-                           f"length: try `--policy fixed --draft-length {best.draft_length}`, or let the adaptive "
-                           f"policy calibrate longer (share calibration with `--redis-url`)")
+                out.append(f"{achieved}: try `--policy fixed --draft-length {best.draft_length}`, or let the "
+                           f"adaptive policy calibrate longer (share calibration with `--redis-url`)")
     useful = [p.position + 1 for p in report.positions if p.survival >= 0.1 and p.offered >= 5]
-    if useful:
+    if useful and max(useful) < len(report.positions):
         out.append(f"drafts beyond position {max(useful)} survive less than 10% of the time: "
                    f"`--max-draft-tokens {max(useful)}` loses nothing")
     if report.calibration_error > 0.1:

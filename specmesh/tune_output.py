@@ -14,7 +14,7 @@ from specmesh.tune import TuneReport
 def print_report(report: TuneReport, console: Console) -> None:
     console.print(Panel.fit(
         f"{report.num_spans} spans, {report.num_traces} traces, {report.num_sessions} sessions, "
-        f"{report.num_rounds} rounds, {report.num_verifier_batches} verifier batches\n"
+        f"{report.num_rounds} rounds, {report.num_verifier_batches} verifier batches, {report.policy or 'no'} policy\n"
         f"drafted {report.drafted_tokens} tokens, accepted {report.accepted_tokens} "
         f"(acceptance {report.acceptance_rate:.1%})", title="specmesh tune"))
 
@@ -86,11 +86,11 @@ def plot_report(report: TuneReport, path: str | os.PathLike) -> None:
         ax.plot(xs, [p.speedup for p in report.speedup], "o-", color="tab:green", label="fixed draft length (model)")
         best = report.best
         if best is not None:
-            ax.annotate(f"best {best.draft_length}: {best.speedup:.2f}x", (best.draft_length, best.speedup),
-                        textcoords="offset points", xytext=(5, 8))
+            ax.annotate(f"best: {best.draft_length} ({best.speedup:.2f}x)", (best.draft_length, best.speedup),
+                        textcoords="offset points", xytext=(8, -14))
         if report.achieved is not None:
             ax.axhline(report.achieved.speedup, color="tab:red", linestyle="--",
-                       label=f"scheduler achieved {report.achieved.speedup:.2f}x")
+                       label=f"{report.policy or 'scheduler'} policy achieved {report.achieved.speedup:.2f}x")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(xs)
     ax.set(xlabel="draft length", ylabel="speedup over plain decoding",
@@ -113,9 +113,11 @@ def plot_report(report: TuneReport, path: str | os.PathLike) -> None:
         ax.plot(xs, [b.mean_draft_length for b in report.by_batch_size], "s--", label="draft length")
         ax.plot(xs, [b.mean_verify_length for b in report.by_batch_size], "o-", label="verify length chosen")
         ax.plot(xs, [b.mean_accepted for b in report.by_batch_size], "^:", label="accepted")
+        top = max(max(b.mean_draft_length, b.mean_verify_length) for b in report.by_batch_size)
+        ax.set_ylim(0, top * 1.35 + 0.1)
     ax.set(xlabel="verifier batch size (sessions)", ylabel="tokens per session-round",
            title="Chosen verify length vs load")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper center", ncol=3)
 
     fig.suptitle(f"specmesh tune: {report.num_sessions} sessions, {report.num_rounds} rounds, "
                  f"{report.drafted_tokens} drafted, {report.accepted_tokens} accepted", fontsize=13)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from typer.testing import CliRunner
@@ -82,17 +83,36 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                     for scope in resource.scope_spans for span in scope.spans]
 
 
+class MetricsReceiver(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """A real OTLP/gRPC metrics receiver: keeps the last value of every sum data point."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+
+    def Export(self, request, context):
+        for resource in request.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.HasField("sum") and not metric.sum.data_points[0].attributes:
+                        point = metric.sum.data_points[0]
+                        self.sums[metric.name] = point.as_double or float(point.as_int)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 @pytest.fixture(scope="module")
 def traced_run(verifier_dir, tmp_path_factory):
     """One request alone, then three at once, with tracing exported three ways."""
-    receiver = Receiver()
+    receiver, metrics_receiver = Receiver(), MetricsReceiver()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics_receiver, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     trace_file = tmp_path_factory.mktemp("traces") / "traces.jsonl"
     memory = InMemorySpanExporter()
+    # The endpoint alone turns on OTLP export of traces and metrics (metrics pushed on flush).
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    drafted_before = metrics.SPEC_DECODE_NUM_DRAFT_TOKENS._value.get()
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -118,7 +138,7 @@ def traced_run(verifier_dir, tmp_path_factory):
         telemetry.shutdown_telemetry()
         server.stop(0)
     return {"memory": memory.get_finished_spans(), "file": trace_file, "receiver": receiver,
-            "alone": alone, "together": together}
+            "metrics": metrics_receiver.sums, "drafted_before": drafted_before, "alone": alone, "together": together}
 
 
 def _by_name(spans, name):
@@ -187,6 +207,12 @@ def test_otlp_receiver_and_trace_file_get_every_span(traced_run):
     assert set(traced_run["receiver"].spans()) == expected
     from_file = {(s.name, s.trace_id, s.span_id) for s in read_spans(traced_run["file"])}
     assert from_file == expected
+
+
+def test_otlp_metrics_export_pushes_the_prometheus_counters(traced_run):
+    clients = [traced_run["alone"], *traced_run["together"]]
+    drafted = sum(c.speculation.drafted_tokens for c in clients)
+    assert traced_run["metrics"]["spec_decode_num_draft_tokens_total"] == traced_run["drafted_before"] + drafted
 
 
 def test_tune_on_the_trace_file_prints_the_report_and_plots(traced_run, tmp_path):
