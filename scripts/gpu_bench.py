@@ -537,7 +537,7 @@ async def main_async(args) -> dict:
                     modes["off"].append(summary)
             references = [s["tokens"] for s in samples_off]
             for alpha in args.alphas:
-                for policy in policies:
+                for policy in (p for p in policies if p == "adaptive" or alpha in args.fixed_alphas):
                     for start in range(0, len(batch), concurrency):
                         _, summary = await controlled(alpha, batch[start:start + concurrency],
                                                       references[start:start + concurrency], policy)
@@ -639,6 +639,7 @@ def main() -> None:
     parser.add_argument("--max-draft-tokens", type=int, default=8)
     parser.add_argument("--draft-ahead", type=int, default=0)
     parser.add_argument("--fixed-gamma", type=int, default=4, help="also run a fixed-gamma scheduler (0: no)")
+    parser.add_argument("--fixed-alphas", default="0.8", help="alphas the fixed-gamma scheduler runs")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=6, help="requests per mode at concurrency 1")
     parser.add_argument("--slots", type=int, default=72)
@@ -649,6 +650,7 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.alphas = [float(x) for x in args.alphas.split(",")]
+    args.fixed_alphas = [float(x) for x in args.fixed_alphas.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("specmesh.cuda_graphs").setLevel(logging.INFO)
     result = asyncio.run(main_async(args))
