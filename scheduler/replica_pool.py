@@ -35,6 +35,7 @@ class ReplicaPool(Generic[Client]):
         self._clock = clock
         self._clients: dict[str, Client] = {}
         self._benched_until: dict[str, float] = {}
+        self.num_failures: dict[str, int] = {}  # per endpoint, for metrics and tests
         self._rejected: set[str] = set()  # permanently unusable (e.g. wrong tokenizer)
 
     def client(self, endpoint: str) -> Client:
@@ -49,6 +50,7 @@ class ReplicaPool(Generic[Client]):
 
     def mark_failed(self, endpoint: str) -> None:
         self._benched_until[endpoint] = self._clock() + self.cooldown_s
+        self.num_failures[endpoint] = self.num_failures.get(endpoint, 0) + 1
 
     def mark_ok(self, endpoint: str) -> None:
         self._benched_until.pop(endpoint, None)
