@@ -84,6 +84,9 @@ class GraphCache:
     def clear(self) -> None:
         """Drop every graph (after the model's modules changed: graphs replay what they captured)."""
         self._graphs.clear()
+        if not self.emulated:
+            # The old pool dies with its last graph; capturing into its handle again would fail.
+            self._pool = torch.cuda.graph_pool_handle()
 
     def fits(self, key: GraphKey) -> bool:
         return key.tokens <= MAX_GRAPH_TOKENS and key.input_size <= self.inputs.numel()
