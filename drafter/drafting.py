@@ -108,10 +108,13 @@ class ModelDrafter:
     """Drafts with a small causal LM holding a KV slot per session."""
 
     def __init__(self, runner: ModelRunner, name: str = "model", draft_top_k: int = DEFAULT_DRAFT_TOP_K,
-                 idle_ttl_s: float | None = None) -> None:
+                 idle_ttl_s: float | None = None, confidence_head: torch.nn.Module | None = None) -> None:
         self.runner = runner
         self.name = name
         self.draft_top_k = draft_top_k
+        # A trained confidence head (specmesh train-drafter): logits [B, V] -> survival [B] in
+        # [0, 1]. Without one, a draft token's confidence is its draft probability.
+        self.confidence_head = confidence_head
         self.slots = SessionSlots(runner.cache, idle_ttl_s=idle_ttl_s)
         self._paths: dict[str, _Path] = {}
         # Counters, for stats and tests: forward passes run, draft tokens answered from a path
@@ -276,7 +279,10 @@ class ModelDrafter:
                 for slot, path, _ in running
             ])  # [len(running), V]: one row per session, the logits after its last token
             paths = [path for _, path, _ in running]
-            for path, (token, confidence, q) in zip(paths, self._pick(logits, paths)):
+            picks = self._pick(logits, paths)
+            if self.confidence_head is not None:
+                picks = self._with_head_confidence(logits, picks)
+            for path, (token, confidence, q) in zip(paths, picks):
                 path.append_draft(token, confidence, q)
             running = [item for item in running if len(item[1].tokens) < item[2]]
 
@@ -297,3 +303,12 @@ class ModelDrafter:
                 uniform = draft_uniform(params.seed or 0, len(path.tokens))
                 picks[b] = draft_distribution(logits[b], params, self.draft_top_k, uniform)
         return picks  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _with_head_confidence(self, logits: torch.Tensor, picks: list[tuple[int, float, SparseDistribution]]
+                              ) -> list[tuple[int, float, SparseDistribution]]:
+        """picks with each confidence replaced by the confidence head's survival estimate (one
+        batched call). logits: [B, V], row b belongs to picks[b]."""
+        assert self.confidence_head is not None
+        confidences = self.confidence_head(logits).tolist()
+        return [(token, float(c), q) for (token, _, q), c in zip(picks, confidences)]

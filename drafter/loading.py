@@ -12,6 +12,7 @@ from drafter.config import DrafterConfig
 from drafter.drafting import ModelDrafter
 from drafter.prompt_lookup import PromptLookupDrafter
 from specmesh.drafter_refs import early_exit_model, parse_drafter_ref
+from specmesh.drafter_training.export import is_trained_drafter, load_trained_drafter
 from specmesh.model_loading import check_tokenizers_compatible, load_causal_lm, load_tokenizer
 from specmesh.model_runner import ModelRunner
 
@@ -39,6 +40,15 @@ def load_drafter(config: DrafterConfig) -> LoadedDrafter:
         model = early_exit_model(verifier.model, spec.num_layers)
         return LoadedDrafter(_model_drafter(model, config, f"{verifier.name}/layers:{spec.num_layers}"),
                              verifier.tokenizer, config.model)
+    if is_trained_drafter(spec.model_ref):  # `specmesh train-drafter` output: may share the verifier's embedding
+        trained = load_trained_drafter(spec.model_ref, verifier_ref=config.verifier_model or None, dtype=dtype,
+                                       device=config.device)
+        if config.verifier_model:
+            check_tokenizers_compatible(load_tokenizer(config.verifier_model), trained.tokenizer, None,
+                                        int(trained.model.get_input_embeddings().num_embeddings))
+        core = _model_drafter(trained.model, config, trained.name)
+        core.confidence_head = trained.confidence_head
+        return LoadedDrafter(core, trained.tokenizer, config.model)
     loaded = load_causal_lm(spec.model_ref, dtype=dtype, device=config.device)
     if config.verifier_model:
         check_tokenizers_compatible(load_tokenizer(config.verifier_model), loaded.tokenizer,

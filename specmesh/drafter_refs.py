@@ -4,6 +4,8 @@
 - `layers:N`: an early-exit drafter, the verifier's first N decoder layers with its own final
   norm and LM head (same tokenizer by construction).
 - `none`: no drafter; plain decoding with the verifier.
+- a shipped drafter's name (`smollm2-135m-drafter`): a drafter trained by `specmesh
+  train-drafter` and committed under specmesh/drafters/.
 - anything else: a model REF (hub id, directory, GGUF file, PyPI short name).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,6 +21,8 @@ from specmesh.errors import ModelReferenceError
 
 PROMPT_LOOKUP_NAMES = ("prompt-lookup", "ngram")
 NO_DRAFTER_NAMES = ("none", "off", "")
+# Drafters trained with `specmesh train-drafter` and shipped in the package: name -> directory.
+SHIPPED_DRAFTERS = {"smollm2-135m-drafter": Path(__file__).resolve().parent / "drafters" / "smollm2-135m"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ def parse_drafter_ref(ref: str) -> DrafterSpec:
         if num_layers <= 0:
             raise ModelReferenceError(f"drafter {ref!r}: 'layers:N' needs a positive layer count N")
         return DrafterSpec("early-exit", num_layers=num_layers)
+    if lowered in SHIPPED_DRAFTERS:
+        return DrafterSpec("model", model_ref=str(SHIPPED_DRAFTERS[lowered]))
     return DrafterSpec("model", model_ref=text)
 
 

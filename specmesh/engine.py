@@ -168,6 +168,7 @@ def build_drafter(ref: str, verifier_model: torch.nn.Module, verifier_tokenizer,
     """A drafter core for REF (see specmesh.drafter_refs), checked against the verifier's tokenizer."""
     from drafter.drafting import ModelDrafter
     from drafter.prompt_lookup import PromptLookupDrafter
+    from specmesh.drafter_training.export import is_trained_drafter, load_trained_drafter
 
     spec = parse_drafter_ref(ref)
     if spec.kind == "none":
@@ -178,6 +179,14 @@ def build_drafter(ref: str, verifier_model: torch.nn.Module, verifier_tokenizer,
         model = early_exit_model(verifier_model, spec.num_layers)
         runner = ModelRunner(model, config.num_slots, config.max_context)
         return ModelDrafter(runner, name=f"layers:{spec.num_layers}", draft_top_k=config.draft_top_k)
+    if is_trained_drafter(spec.model_ref):  # `specmesh train-drafter` output: may share the verifier's embedding
+        trained = load_trained_drafter(spec.model_ref, verifier_model=verifier_model, dtype=dtype, device=device)
+        check_tokenizers_compatible(verifier_tokenizer, trained.tokenizer,
+                                    verifier_model.get_input_embeddings().num_embeddings,
+                                    trained.model.get_input_embeddings().num_embeddings)
+        runner = ModelRunner(trained.model, config.num_slots, config.max_context)
+        return ModelDrafter(runner, name=trained.name, draft_top_k=config.draft_top_k,
+                            confidence_head=trained.confidence_head)
     loaded = load_causal_lm(spec.model_ref, dtype=dtype, device=device)
     check_tokenizers_compatible(verifier_tokenizer, loaded.tokenizer,
                                 verifier_model.get_input_embeddings().num_embeddings,

