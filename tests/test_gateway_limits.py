@@ -119,7 +119,10 @@ async def test_in_memory_limiter_per_key_and_too_large_requests():
 
 async def test_redis_script_matches_the_arithmetic_and_shares_one_key(redis_server):
     limits = RateLimits(requests_per_minute=20, tokens_per_minute=1_000)
-    first, second = RedisRateLimiter(redis_server, limits), RedisRateLimiter(redis_server, limits)
+    # Generous timeouts: this test is about the script's arithmetic, not the outage path, and a
+    # loaded CI machine must not push it onto the local fallback.
+    first = RedisRateLimiter(redis_server, limits, timeout_s=5.0)
+    second = RedisRateLimiter(redis_server, limits, timeout_s=5.0)
     try:
         # 60 concurrent requests through two limiters (two connections): exactly 20 pass.
         async def attempt(limiter: RedisRateLimiter) -> bool:
