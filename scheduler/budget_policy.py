@@ -63,6 +63,13 @@ class BudgetConfig:
     draft_ahead_min_probability: float = 0.5
     measure_timing: bool = True  # learn draft cost and RPC overhead from the rounds themselves
     timing_half_life_s: float = 30.0
+    # Exploration: a policy that only exploits never learns that a drafter pays (a cold table
+    # and prefill-heavy first rounds make drafting look bad). Until the table has this many
+    # offered tokens, and then one round in explore_every_rounds, every session drafts and
+    # verifies at least explore_draft_tokens. Decided before drafting, so it stays lossless.
+    explore_min_offered: float = 32.0
+    explore_every_rounds: int = 50
+    explore_draft_tokens: int = 2
 
 
 @dataclass(frozen=True)
@@ -293,11 +300,25 @@ class AdaptiveBudgetPolicy:
     def calibration_config(self) -> CalibrationConfig:
         return self.calibration.config
 
+    def _should_explore(self, table) -> bool:
+        self._rounds_planned = getattr(self, "_rounds_planned", 0) + 1
+        if self.config.explore_draft_tokens <= 0:
+            return False
+        if table.total_offered < self.config.explore_min_offered:
+            return True
+        every = self.config.explore_every_rounds
+        return every > 0 and self._rounds_planned % every == 0
+
     def _plan_drafts(self, sessions: Sequence[Session], caps: list[int]) -> dict[str, int]:
+        self._exploring = False
         longest = max(caps, default=0)
         if longest == 0:
             return {s.session_id: 0 for s in sessions}
         table = self.calibration.table(self.model_pair)
+        if self._should_explore(table):
+            self._exploring = True
+            explore = self.config.explore_draft_tokens
+            return {s.session_id: min(explore, cap) for s, cap in zip(sessions, caps)}
         survival = survival_curve(table.position_acceptances(longest))
         verify_seconds, draft_seconds = self.verify_seconds_fn(), self.draft_seconds_fn()
         k, _ = choose_draft_length(caps, survival, self._base_tokens(sessions),
@@ -320,6 +341,9 @@ class AdaptiveBudgetPolicy:
             confidences = chunk.confidences if chunk is not None else ()
             survivals.append(admission_survivals(confidences, n, table, positions))
         chosen, objective = choose_verify_lengths(survivals, base_tokens, seconds)
+        if getattr(self, "_exploring", False):
+            # An exploration round verifies what it drafted (decided before drafting: lossless).
+            chosen = [max(c, n) for c, n in zip(chosen, available)]
         lengths = {s.session_id: n for s, n in zip(sessions, chosen)}
         tau = len(sessions) + sum(sum(curve[:n]) for curve, n in zip(survivals, chosen))
         self.last_plan = BatchPlan(lengths, tau, base_tokens + sum(chosen), tau / objective if objective else 0.0)

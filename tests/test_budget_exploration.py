@@ -1,0 +1,47 @@
+"""The adaptive policy explores: a cold table still drafts (so it can learn), and a policy that
+has learned drafting does not pay still re-checks now and then, at a bounded cost."""
+
+from __future__ import annotations
+
+from scheduler.budget_policy import AdaptiveBudgetPolicy, BudgetConfig
+from scheduler.calibration import CalibrationConfig, Observation
+from scheduler.calibration_store import InMemoryCalibrationStore
+from scheduler.cost_model import CostProfile
+from tests.test_budget_policy import CONTEXT, PAIR, make_chunks, make_sessions
+
+STEEP = CostProfile.linear(0.001, 0.010)
+
+
+def store_with(acceptance: float, volume: float) -> InMemoryCalibrationStore:
+    store = InMemoryCalibrationStore(CalibrationConfig(half_life_s=1e9))
+    config = store.config
+    store.table(PAIR).add([Observation(p, b, volume, volume * acceptance) for p in range(16)
+                           for b in range(config.num_buckets)], now=store.clock())
+    return store
+
+
+def test_cold_table_drafts_and_verifies_the_exploration_length_even_when_costs_say_no():
+    policy = AdaptiveBudgetPolicy(InMemoryCalibrationStore(), STEEP, PAIR, 8,
+                                  config=BudgetConfig(measure_timing=False, explore_draft_tokens=2))
+    sessions = make_sessions(4)
+    lengths = policy.draft_lengths(sessions, CONTEXT)
+    assert all(k == 2 for k in lengths.values())
+    verify = policy.verify_lengths(sessions, make_chunks(sessions, [0.0, 0.0]), lengths)
+    assert all(n == 2 for n in verify.values())  # observed, so the table learns
+
+
+def test_learned_bad_drafter_is_rechecked_once_every_n_rounds():
+    policy = AdaptiveBudgetPolicy(store_with(0.0, 1000.0), STEEP, PAIR, 8,
+                                  config=BudgetConfig(measure_timing=False, explore_every_rounds=10))
+    sessions = make_sessions(2)
+    drafted = [max(policy.draft_lengths(sessions, CONTEXT).values()) for _ in range(30)]
+    assert sum(1 for k in drafted if k > 0) == 3  # rounds 10, 20, 30
+    assert max(drafted) == BudgetConfig().explore_draft_tokens
+
+
+def test_exploration_can_be_turned_off():
+    policy = AdaptiveBudgetPolicy(InMemoryCalibrationStore(), STEEP, PAIR, 8,
+                                  config=BudgetConfig(measure_timing=False, explore_draft_tokens=0))
+    sessions = make_sessions(2)
+    verify = policy.verify_lengths(sessions, make_chunks(sessions, [0.0, 0.0]), {"s0": 2, "s1": 2})
+    assert all(n == 0 for n in verify.values())  # zero-confidence drafts: nothing worth verifying
