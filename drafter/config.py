@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specmesh.drafter_refs import parse_drafter_ref
-
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("cpu", "cuda")
+from specmesh.replica_options import DEVICES, DTYPES, replica_problems  # noqa: F401 - re-exported
 
 # Sessions per decode step measured at start-up for the Profile cost table.
 DEFAULT_PROFILE_BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -56,22 +54,13 @@ class DrafterConfig:
             problems.append(f"draft_top_k must be positive, got {self.draft_top_k}")
         if self.max_draft_tokens <= 0:
             problems.append(f"max_draft_tokens must be positive, got {self.max_draft_tokens}")
-        if self.idle_ttl_s < 0:
-            problems.append(f"idle_ttl_s must be >= 0 (0 disables eviction), got {self.idle_ttl_s}")
         if self.draft_ahead_tokens < 0:
             problems.append(f"draft_ahead_tokens must be >= 0 (0 disables it), got {self.draft_ahead_tokens}")
-        if self.batch_wait_ms < 0:
-            problems.append(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device.split(":")[0] not in DEVICES:
-            problems.append(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if not self.profile_batch_sizes or any(size <= 0 for size in self.profile_batch_sizes):
             problems.append(f"profile_batch_sizes must be positive sizes, got {self.profile_batch_sizes}")
-        if self.grace_s < 0:
-            problems.append(f"grace_s must be >= 0, got {self.grace_s}")
-        if not 0 <= self.metrics_port <= 65535:
-            problems.append(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        problems += replica_problems(dtype=self.dtype, device=self.device, idle_ttl_s=self.idle_ttl_s,
+                                     batch_wait_ms=self.batch_wait_ms, grace_s=self.grace_s,
+                                     metrics_port=self.metrics_port)
         if problems:
             raise ValueError("invalid drafter config: " + "; ".join(problems))
 

@@ -13,7 +13,7 @@ from drafter.draft_worker import DraftWorker
 from drafter.loading import LoadedDrafter, load_drafter
 from drafter.profiling import DrafterProfile, build_profile
 from drafter.servicer import DrafterServicer
-from specmesh.grpc_server import GrpcService
+from specmesh.grpc_server import GrpcService, ServesGrpc
 from specmesh.metrics import serve_metrics_for
 from specmesh.v1 import drafter_pb2, drafter_pb2_grpc
 
@@ -22,22 +22,11 @@ SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 
 
 @dataclass
-class RunningDrafter:
+class RunningDrafter(ServesGrpc):
     service: GrpcService
     core: Any  # the drafter core (ModelDrafter, PromptLookupDrafter, or what the caller passed)
     worker: DraftWorker
     profile: DrafterProfile
-
-    @property
-    def address(self) -> str:
-        return self.service.address
-
-    @property
-    def port(self) -> int:
-        return self.service.port
-
-    async def stop(self) -> None:
-        await self.service.stop()
 
 
 async def start_drafter(config: DrafterConfig, *, drafter_core: Any = None, tokenizer: Any = None) -> RunningDrafter:

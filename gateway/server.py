@@ -24,7 +24,7 @@ from gateway.rate_limit import RedisRateLimiter, open_rate_limiter
 from gateway.scheduler_client import GrpcSchedulerBackend
 from gateway.servicer import SERVICE_NAME, GenerationServicer, add_generation_servicer
 from gateway.tokenization import stop_token_ids as model_stop_token_ids
-from specmesh.grpc_server import GrpcService
+from specmesh.grpc_server import GrpcService, ServesGrpc
 from specmesh.model_loading import load_tokenizer
 from specmesh.metrics import render_prometheus
 from specmesh.telemetry import TraceContextMiddleware
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RunningGateway:
+class RunningGateway(ServesGrpc):
     service: GrpcService
     pipeline: GenerationPipeline
     scheduler: GrpcSchedulerBackend
@@ -42,14 +42,6 @@ class RunningGateway:
     http_api: HttpApi | None = None
     _stopping: bool = False
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def address(self) -> str:
-        return self.service.address
-
-    @property
-    def port(self) -> int:
-        return self.service.port
 
     @property
     def http_port(self) -> int | None:

@@ -14,7 +14,7 @@ from scheduler.remote_drafter import RemoteDrafter
 from scheduler.remote_verifier import RemoteVerifier
 from scheduler.replica_pool import ReplicaPool, StaticEndpoints
 from scheduler.servicer import SchedulerServicer
-from specmesh.grpc_server import GrpcService
+from specmesh.grpc_server import GrpcService, ServesGrpc
 from specmesh.metrics import serve_metrics_for
 from specmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -23,20 +23,9 @@ SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 
 @dataclass
-class RunningScheduler:
+class RunningScheduler(ServesGrpc):
     service: GrpcService
     coordinator: Coordinator
-
-    @property
-    def address(self) -> str:
-        return self.service.address
-
-    @property
-    def port(self) -> int:
-        return self.service.port
-
-    async def stop(self) -> None:
-        await self.service.stop()
 
 
 def build_coordinator(config: SchedulerConfig, sources: tuple | None = None) -> Coordinator:

@@ -108,6 +108,27 @@ class GrpcService:
         await self.server.wait_for_termination()
 
 
+class ServesGrpc:
+    """Base of the handles that start_<service>() returns: where it listens and how to stop it.
+
+    Subclasses are dataclasses with a `service: GrpcService` field.
+    """
+
+    service: GrpcService
+
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    @property
+    def port(self) -> int:
+        return self.service.port
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, drain in-flight calls (grace_s), then stop. Idempotent."""
+        await self.service.stop()
+
+
 def insecure_channel(target: str) -> aio.Channel:
     """A channel to another specmesh service; with tracing on, every call carries the
     caller's trace context in its metadata (and gets a client span)."""

@@ -14,6 +14,8 @@ import sys
 
 import typer
 
+from specmesh.replica_options import parse_sizes
+
 from verifier.config import DEFAULT_PROFILE_BATCH_TOKENS, VerifierConfig
 
 ENV_PREFIX = "SPECMESH_VERIFIER_"
@@ -27,9 +29,9 @@ def _env(field: str) -> str:
 
 def _parse_sizes(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        return parse_sizes(text)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 @app.callback(invoke_without_command=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("cpu", "cuda")
+from specmesh.replica_options import DEVICES, DTYPES, replica_problems  # noqa: F401 - re-exported
 
 # Batch sizes (tokens per forward) measured at start-up. CPU forwards are slow, so stop at 64;
 # on a GPU pass larger sizes (the scheduler interpolates between rows and extrapolates flat).
@@ -41,22 +40,13 @@ class VerifierConfig:
             problems.append(f"num_slots must be positive, got {self.num_slots}")
         if self.max_context <= 1:
             problems.append(f"max_context must be at least 2, got {self.max_context}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device.split(":")[0] not in DEVICES:
-            problems.append(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.idle_ttl_s < 0:
-            problems.append(f"idle_ttl_s must be >= 0 (0 disables eviction), got {self.idle_ttl_s}")
-        if self.batch_wait_ms < 0:
-            problems.append(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         if self.max_batch_tokens <= 0:
             problems.append(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
         if not self.profile_batch_tokens or any(size <= 0 for size in self.profile_batch_tokens):
             problems.append(f"profile_batch_tokens must be positive sizes, got {self.profile_batch_tokens}")
-        if self.grace_s < 0:
-            problems.append(f"grace_s must be >= 0, got {self.grace_s}")
-        if not 0 <= self.metrics_port <= 65535:
-            problems.append(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        problems += replica_problems(dtype=self.dtype, device=self.device, idle_ttl_s=self.idle_ttl_s,
+                                     batch_wait_ms=self.batch_wait_ms, grace_s=self.grace_s,
+                                     metrics_port=self.metrics_port)
         if problems:
             raise ValueError("invalid verifier config: " + "; ".join(problems))
 

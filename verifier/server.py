@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from specmesh.grpc_server import GrpcService
+from specmesh.grpc_server import GrpcService, ServesGrpc
 from specmesh.metrics import serve_metrics_for
 from specmesh.model_loading import load_causal_lm, tokenizer_fingerprint
 from specmesh.model_runner import ModelRunner
@@ -35,24 +35,12 @@ T = TypeVar("T")
 
 
 @dataclass
-class RunningVerifier:
+class RunningVerifier(ServesGrpc):
     config: VerifierConfig
     service: GrpcService
     core: VerifierCore
     batcher: VerifyBatcher
     profile: ReplicaProfile
-
-    @property
-    def address(self) -> str:
-        return self.service.address
-
-    @property
-    def port(self) -> int:
-        return self.service.port
-
-    async def stop(self) -> None:
-        """Health NOT_SERVING, drain in-flight calls (grace_s), stop the batcher. Idempotent."""
-        await self.service.stop()
 
     async def wait(self) -> None:
         """Return once the replica has stopped."""
