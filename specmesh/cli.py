@@ -189,6 +189,13 @@ def bench(
     max_tokens: int = typer.Option(64, "--max-tokens"),
     requests: int = typer.Option(8, "--requests", help="Requests per mode and concurrency level (at least the level)."),
     json_out: str | None = typer.Option(None, "--json", help="Write the results as JSON here."),
+    plot: str | None = typer.Option(None, "--plot", help="Draw tokens/s versus concurrency to this PNG."),
+    baseline: str | None = typer.Option(None, "--baseline",
+                                        help="'hf': also run HF generate and assisted generation in-process "
+                                             "(concurrency 1) on the same models."),
+    cost_ratio: float | None = typer.Option(None, "--cost-ratio",
+                                            help="Drafter/verifier cost ratio c for the analytic ceiling "
+                                                 "(default: 0 for prompt lookup, else from the services' profiles)."),
 ) -> None:
     """Measure per-user and aggregate tokens/s with speculation on and off, interleaved in one run."""
     import json
@@ -205,6 +212,7 @@ def bench(
     except ValueError as error:
         _fail(error)
     cluster = None
+    cost_ratio_measured = None
     if target is None:
         cluster = LocalCluster(verifier=verifier, drafter=drafter, port=free_port())
         typer.echo("bench: starting a local cluster ...", err=True)
@@ -213,6 +221,7 @@ def bench(
         except ClusterStartError as error:
             _fail(error)
         target = cluster.gateway_address
+        cost_ratio_measured = asyncio.run(_measured_cost_ratio(cluster))
     try:
         steps = len(levels) * 2 * len(DEFAULT_MODES)
         with Progress(transient=True, console=None) as progress:
@@ -222,12 +231,55 @@ def bench(
     finally:
         if cluster is not None:
             cluster.stop()
+    if baseline == "hf":
+        from specmesh.bench_baselines import run_hf_baselines
+
+        typer.echo("bench: HF baselines (in-process, concurrency 1) ...", err=True)
+        summaries += run_hf_baselines(verifier, drafter, prompts, max_tokens, max(requests // 2, 2))
+    elif baseline is not None:
+        _fail(ValueError(f"unknown --baseline {baseline!r}: use 'hf'"))
+    ratio = cost_ratio if cost_ratio is not None else (cost_ratio_measured if cost_ratio_measured is not None else 0.0)
+    _add_ceilings(summaries, ratio)
     meta = {"target": target, "workload": workload, "max_tokens": max_tokens, "verifier": verifier,
-            "drafter": drafter, "local_cluster": cluster is not None}
+            "drafter": drafter, "local_cluster": cluster is not None, "cost_ratio": ratio}
+    if plot:
+        from specmesh.bench_baselines import plot_bench
+
+        plot_bench(summaries, plot)
     if json_out:
         with open(json_out, "w") as handle:
             json.dump(to_json(summaries, meta), handle, indent=2)
     typer.echo(format_table(summaries))
+
+
+async def _measured_cost_ratio(cluster) -> float | None:
+    """c = one drafter step / one verifier forward of one token, from the services' Profile tables."""
+    from specmesh.grpc_server import insecure_channel
+    from specmesh.v1 import common_pb2, drafter_pb2_grpc, verifier_pb2_grpc
+
+    addresses = {s.name: s.address for s in cluster.services}
+    if "drafter" not in addresses:
+        return None
+    async with insecure_channel(addresses["verifier"]) as channel:
+        verifier_profile = await verifier_pb2_grpc.VerifierStub(channel).Profile(common_pb2.ProfileRequest())
+    async with insecure_channel(addresses["drafter"]) as channel:
+        drafter_profile = await drafter_pb2_grpc.DrafterStub(channel).Profile(common_pb2.ProfileRequest())
+    if not verifier_profile.cost_table:
+        return None
+    if not drafter_profile.cost_table:
+        return 0.0  # prompt lookup: no model
+    return drafter_profile.cost_table[0].forward_seconds / verifier_profile.cost_table[0].forward_seconds
+
+
+def _add_ceilings(summaries: list[dict], cost_ratio: float) -> None:
+    """Next to each measured speedup, the analytic ceiling for its measured α and γ."""
+    from specmesh.bench_baselines import analytic_ceiling
+
+    for s in summaries:
+        if s.get("mode") == "off" or "tau" not in s or not s.get("acceptance_rate"):
+            continue
+        gamma = s.get("mean_draft_length", 0.0)
+        s["analytic_ceiling"] = analytic_ceiling(s["acceptance_rate"], gamma, cost_ratio) if gamma else 1.0
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,3 +80,21 @@ def test_up_serves_generate_target_and_stops_cleanly_on_sigint(model_dir, tmp_pa
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_bench_measures_modes_baselines_and_ceiling(model_dir, tmp_path):
+    workload = tmp_path / "workload.jsonl"
+    workload.write_text('{"prompt": "w5 w9 w12 w5 w9"}\n{"messages": [{"role": "user", "content": "w7 w8"}]}\n')
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = specmesh("bench", "--verifier", str(model_dir), "--drafter", str(model_dir), "--workload",
+                      str(workload), "--concurrency", "1,2", "--max-tokens", "8", "--requests", "2",
+                      "--baseline", "hf", "--plot", str(out_png), "--json", str(out_json), timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out_json.read_text())
+    modes = {(r["mode"], r["concurrency"]) for r in report["results"]}
+    assert {("off", 1), ("on", 1), ("off", 2), ("on", 2), ("hf-generate", 1), ("hf-assisted", 1)} <= modes
+    on = next(r for r in report["results"] if r["mode"] == "on" and r["concurrency"] == 1)
+    # The drafter is the verifier itself: everything drafted is accepted.
+    assert on["acceptance_rate"] == 1.0 and on["tau"] > 1.0 and on["analytic_ceiling"] >= 1.0
+    assert out_png.stat().st_size > 10_000
+    assert "ceiling" in result.stdout and "hf-assisted" in result.stdout
