@@ -13,15 +13,14 @@ the same arithmetic: the limit then holds per replica. A Redis outage never fail
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from specmesh.errors import InvalidRequestError
 from specmesh.grpc_errors import OverloadedError
+from specmesh.redis_link import RedisLink, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -183,29 +182,22 @@ class RedisRateLimiter:
     def __init__(self, url: str | None, limits: RateLimits, *, client=None, timeout_s: float = 0.25,
                  min_backoff_s: float = 0.5, max_backoff_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        if client is None:
-            # One bounded attempt per call; this class decides when to try again.
-            client = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                    retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self.client = client
+        self.link = RedisLink(url, client=client, timeout_s=timeout_s, min_backoff_s=min_backoff_s,
+                              max_backoff_s=max_backoff_s, clock=clock,
+                              fallback="limiting in this process until it returns")
         self.limits = limits
-        self.timeout_s = timeout_s
-        self.min_backoff_s = min_backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.clock = clock
         self.fallback = InMemoryRateLimiter(limits, clock)
-        self.num_failures = 0  # consecutive
         self.num_fallbacks = 0  # decisions taken locally because Redis did not answer
-        self._retry_at = 0.0
-        self._script = client.register_script(TAKE_LUA)
+        self._script = self.link.client.register_script(TAKE_LUA)
 
     @property
     def available(self) -> bool:
-        return self.num_failures == 0
+        return self.link.available
+
+    @property
+    def num_failures(self) -> int:
+        """Consecutive failed attempts (0 while Redis answers)."""
+        return self.link.num_failures
 
     async def acquire(self, bucket: str, tokens: int) -> None:
         if not self.limits.enabled:
@@ -228,36 +220,18 @@ class RedisRateLimiter:
 
     async def _run(self, bucket: str, requests: int, tokens: int, force: bool) -> tuple[bool, float] | None:
         """(taken, wait_s) from Redis, or None when Redis is (believed) unreachable."""
-        if self.num_failures and self.clock() < self._retry_at:
+        if not self.link.ready:
             return None
         args = [self.limits.requests_per_minute, self.limits.tokens_per_minute, requests, tokens,
                 "1" if force else "0", BUCKET_TTL_MS]
         try:
-            taken, wait = await asyncio.wait_for(self._script(keys=[KEY_PREFIX + bucket], args=args),
-                                                 self.timeout_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any failure: decide locally, retry Redis later
-            self._failed(error)
+            taken, wait = await self.link.call(lambda _client: self._script(keys=[KEY_PREFIX + bucket], args=args))
+        except RedisUnavailable:
             return None
-        if self.num_failures:
-            log.info("redis reachable again after %d failed attempts; rate limits shared again", self.num_failures)
-        self.num_failures = 0
         return bool(int(taken)), float(wait)
 
-    def _failed(self, error: BaseException) -> None:
-        if self.num_failures == 0:
-            log.warning("redis unavailable for rate limits (%s: %s); limiting in this process until it returns",
-                        type(error).__name__, error)
-        self.num_failures += 1
-        backoff = min(self.max_backoff_s, self.min_backoff_s * 2 ** (self.num_failures - 1))
-        self._retry_at = self.clock() + backoff * random.uniform(0.75, 1.25)
-
     async def close(self) -> None:
-        try:
-            await asyncio.wait_for(self.client.aclose(), self.timeout_s)
-        except Exception:  # noqa: BLE001 - closing a dead connection may fail; nothing to do
-            pass
+        await self.link.close()
 
 
 def open_rate_limiter(redis_url: str | None, limits: RateLimits, **options) -> RateLimiter:

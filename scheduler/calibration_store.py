@@ -34,7 +34,7 @@ from typing import Callable, Protocol, Sequence
 from redis.asyncio import Redis
 
 from scheduler.calibration import CalibrationConfig, CalibrationTable, Observation
-from scheduler.redis_link import RedisLink, RedisUnavailable
+from specmesh.redis_link import RedisLink, RedisUnavailable
 
 log = logging.getLogger(__name__)
 

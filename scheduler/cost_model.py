@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Protocol
 
 from redis.asyncio import Redis
 
-from scheduler.redis_link import RedisLink, RedisUnavailable
+from specmesh.redis_link import RedisLink, RedisUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """A Redis connection that is never a dependency: bounded calls, outage detection, backoff.
 
-Scheduler statistics shared through Redis are an optimisation; serving must not wait on them.
+What specmesh keeps in Redis (scheduler statistics, gateway rate limits) is shared state that
+serving must never wait on.
 Every call through a `RedisLink` finishes within `timeout_s` (connect included) or fails with
 `RedisUnavailable`; after a failure the link reports itself not `ready` until a backoff
 (doubling, with jitter, capped) has passed, so callers skip Redis entirely meanwhile instead of
@@ -30,7 +31,9 @@ class RedisUnavailable(Exception):
 class RedisLink:
     def __init__(self, url: str | None = None, *, client: Redis | None = None, timeout_s: float = 0.1,
                  min_backoff_s: float = 0.2, max_backoff_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 fallback: str = "continuing with local statistics") -> None:
+        """fallback: what the caller does meanwhile, for the one warning logged per outage."""
         if client is None:
             if url is None:
                 raise ValueError("RedisLink needs a url or a client")
@@ -42,6 +45,7 @@ class RedisLink:
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.clock = clock
+        self.fallback = fallback
         self.num_failures = 0  # consecutive
         self.retry_at = 0.0
         self._tasks: set[asyncio.Task] = set()
@@ -102,8 +106,7 @@ class RedisLink:
 
     def _failed(self, error: BaseException) -> None:
         if self.num_failures == 0:
-            log.warning("redis unavailable (%s: %s); continuing with local statistics",
-                        type(error).__name__, error)
+            log.warning("redis unavailable (%s: %s); %s", type(error).__name__, error, self.fallback)
         self.num_failures += 1
         backoff = min(self.max_backoff_s, self.min_backoff_s * 2 ** (self.num_failures - 1))
         self.retry_at = self.clock() + backoff * random.uniform(0.75, 1.25)
