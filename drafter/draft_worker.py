@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from specmesh import metrics, telemetry
+from specmesh.batch_window import wait_for_company
 from specmesh.errors import CapacityError, InvalidRequestError, SpecmeshError
 from specmesh.records import DraftChunk, DraftRequest
 
@@ -203,16 +204,8 @@ class DraftWorker:
         head = self._queue[0]
         if not isinstance(head, _SyncJob):
             return
-        deadline = head.arrived + self.batch_wait_s
-        while len(self._queue) < self.max_batch_sessions:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                return
+        await wait_for_company(self._wakeup, head.arrived + self.batch_wait_s, self._clock,
+                               lambda: len(self._queue) >= self.max_batch_sessions)
 
     def _take_batch(self) -> list[_SyncJob]:
         """Pop the longest run of queued syncs with distinct sessions; releases met on the way

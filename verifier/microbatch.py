@@ -35,6 +35,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from specmesh import metrics, telemetry
+from specmesh.batch_window import wait_for_company
 from specmesh.errors import SpecmeshError
 from specmesh.records import VerifyItem, VerifyResult
 from verifier.call_validation import RefusedItem, validate_call
@@ -260,16 +261,8 @@ class VerifyBatcher:
         self._drop_cancelled()
         if not self._queue or self._queue[0].passed_over:
             return  # a call never waits twice
-        deadline = self._queue[0].arrived + self.batch_wait_s
-        while not self._batch_is_full():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+        await wait_for_company(self._wake, self._queue[0].arrived + self.batch_wait_s, loop.time,
+                               self._batch_is_full)
 
     def _take_batch(self) -> list[_Call]:
         """The longest FIFO prefix of the queue that fits one forward."""
