@@ -210,6 +210,17 @@ def check_runner(model: torch.nn.Module, reference, *, sessions: int, context: i
             "graph_forwards": runner.packed.num_graph_forwards if runner.packed else 0, "graphs": len(graphs or ())}
 
 
+def runner_reference(runner: ModelRunner):
+    """Logits of the last 4 tokens of a sequence, prefilled fresh in a slot of `runner`."""
+    def run(tokens):
+        slot = runner.cache.allocate()
+        try:
+            return runner.forward([ForwardRequest(slot, tokens, len(tokens) - 4)])[0]
+        finally:
+            runner.cache.free(slot)
+    return run
+
+
 def device_checks(verifier_model: torch.nn.Module, device: torch.device) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -225,31 +236,13 @@ def device_checks(verifier_model: torch.nn.Module, device: torch.device) -> dict
 
     out = {"tiny_float32_vs_full_forward": check_runner(tiny, full(tiny), sessions=3, context=20, steps=4, q=4)}
     # The 8B in bf16: runner (packed, graphs) against the old padded layout run eagerly.
-    padded = ModelRunner(verifier_model, 2, 128, packed=False)
-
-    def reference(tokens):
-        slot = padded.cache.allocate()
-        try:
-            return padded.forward([ForwardRequest(slot, tokens, len(tokens) - 4)])[0]
-        finally:
-            padded.cache.free(slot)
-
-    out["verifier_bf16_vs_padded_layout"] = check_runner(verifier_model, reference, sessions=3, context=48,
-                                                         steps=3, q=4)
-    del padded
+    out["verifier_bf16_vs_padded_layout"] = check_runner(
+        verifier_model, runner_reference(ModelRunner(verifier_model, 2, 128, packed=False)),
+        sessions=3, context=48, steps=3, q=4)
     if device.type == "cuda":  # the same layout without graphs: isolates what capture changes
-        eager = ModelRunner(verifier_model, 2, 128, cuda_graphs=False)
-
-        def eager_reference(tokens):
-            slot = eager.cache.allocate()
-            try:
-                return eager.forward([ForwardRequest(slot, tokens, len(tokens) - 4)])[0]
-            finally:
-                eager.cache.free(slot)
-
-        out["verifier_bf16_graphs_vs_eager_packed"] = check_runner(verifier_model, eager_reference, sessions=3,
-                                                                   context=48, steps=3, q=4)
-        del eager
+        out["verifier_bf16_graphs_vs_eager_packed"] = check_runner(
+            verifier_model, runner_reference(ModelRunner(verifier_model, 2, 128, cuda_graphs=False)),
+            sessions=3, context=48, steps=3, q=4)
     torch.cuda.synchronize(device) if device.type == "cuda" else None
     log.info("device checks: %s", out)
     return out

@@ -13,7 +13,6 @@ import logging
 import signal
 from typing import Awaitable, Callable, Sequence
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio

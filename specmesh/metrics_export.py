@@ -75,8 +75,7 @@ class OtlpMetricsPusher:
 
 def registry_as_metrics_data(resource: Any, start_ns: int, registry: Any = None):
     """The Prometheus registry as OTLP MetricsData (cumulative)."""
-    from opentelemetry.sdk.metrics.export import (AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
-                                                  Metric, MetricsData, NumberDataPoint, ResourceMetrics,
+    from opentelemetry.sdk.metrics.export import (AggregationTemporality, Gauge, Histogram, Metric, MetricsData, NumberDataPoint, ResourceMetrics,
                                                   ScopeMetrics, Sum)
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 

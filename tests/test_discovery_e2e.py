@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import pytest
 
 from drafter.config import DrafterConfig
 from drafter.server import start_drafter
