@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from drafter.draft_stream import BadMessage, ReleaseMessage, StreamAnswer, StreamMessage, SyncMessage
+from drafter.draft_stream import (BadMessage, BatchAnswer, ReleaseMessage, StreamAnswer, StreamMessage,
+                                  SyncBatchMessage, SyncMessage)
 from drafter.draft_worker import SyncStatus, WorkerStats
 from drafter.profiling import DrafterProfile
 from specmesh.errors import InvalidRequestError
@@ -50,16 +51,29 @@ def stream_message_from_proto(message: drafter_pb2.DraftRequest) -> StreamMessag
             return SyncMessage(message.sequence, sync_from_proto(message.sync))
         except InvalidRequestError as error:
             return BadMessage(message.sequence, message.sync.session_id, str(error))
+    if kind == "sync_batch":
+        return SyncBatchMessage(message.sequence, tuple(_batch_entry(message.sequence, sync)
+                                                        for sync in message.sync_batch.syncs))
     if kind == "release":
         return ReleaseMessage(message.sequence, message.release.session_id)
-    return BadMessage(message.sequence, "", "a DraftRequest must hold a sync or a release")
+    return BadMessage(message.sequence, "", "a DraftRequest must hold a sync, a sync_batch or a release")
+
+
+def _batch_entry(sequence: int, sync: drafter_pb2.DraftSync) -> DraftRequest | BadMessage:
+    try:
+        return sync_from_proto(sync)
+    except InvalidRequestError as error:
+        return BadMessage(sequence, sync.session_id, str(error))
 
 
 def _distribution_to_proto(dist: SparseDistribution) -> common_pb2.SparseDistribution:
     return common_pb2.SparseDistribution(token_ids=dist.token_ids, probs=dist.probs)
 
 
-def answer_to_proto(answer: StreamAnswer) -> drafter_pb2.DraftChunk:
+def answer_to_proto(answer: StreamAnswer | BatchAnswer) -> drafter_pb2.DraftChunk:
+    if isinstance(answer, BatchAnswer):
+        return drafter_pb2.DraftChunk(sequence=answer.sequence, last=True,
+                                      batch=[answer_to_proto(one) for one in answer.answers])
     outcome, chunk = answer.outcome, answer.outcome.chunk
     message = drafter_pb2.DraftChunk(
         session_id=chunk.session_id,

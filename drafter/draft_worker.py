@@ -77,6 +77,9 @@ class _SyncJob:
     is_cancelled: Callable[[], bool]  # the asker went away: skip the work
     arrived: float
     arrived_ns: int = 0  # wall clock, for the span's start (only when tracing is on)
+    # Came with every other sync its sender had (a batch message): waiting for company is
+    # pointless, so the worker drafts at once.
+    complete: bool = False
 
 
 @dataclass
@@ -147,14 +150,22 @@ class DraftWorker:
     # ---- submitting work -----------------------------------------------------------------------
     def submit_sync(self, request: DraftRequest, deliver: Callable[[SyncOutcome], None],
                     is_cancelled: Callable[[], bool] = lambda: False) -> None:
+        self.submit_syncs([(request, deliver)], is_cancelled, complete=False)
+
+    def submit_syncs(self, syncs: Sequence[tuple[DraftRequest, Callable[[SyncOutcome], None]]],
+                     is_cancelled: Callable[[], bool] = lambda: False, complete: bool = True) -> None:
+        """Queue syncs of distinct sessions, each answered through its own deliver callback.
+        complete: these are all the syncs the sender has for now (a round's batch), so they are
+        drafted without waiting for more to join."""
         if self._closed:
             raise WorkerClosedError("the drafter is shutting down")
-        if request.num_draft_tokens > self.max_draft_tokens:
-            request = dataclasses.replace(request, num_draft_tokens=self.max_draft_tokens)
-        self._ahead.pop(request.session_id, None)  # superseded: the sync decides what stays
-        self._queued_syncs[request.session_id] += 1
-        self._queue.append(_SyncJob(request, deliver, is_cancelled, self._clock(),
-                                    time.time_ns() if telemetry.enabled() else 0))
+        arrived, arrived_ns = self._clock(), time.time_ns() if telemetry.enabled() else 0
+        for request, deliver in syncs:
+            if request.num_draft_tokens > self.max_draft_tokens:
+                request = dataclasses.replace(request, num_draft_tokens=self.max_draft_tokens)
+            self._ahead.pop(request.session_id, None)  # superseded: the sync decides what stays
+            self._queued_syncs[request.session_id] += 1
+            self._queue.append(_SyncJob(request, deliver, is_cancelled, arrived, arrived_ns, complete))
         self._queue_depth.set(len(self._queue))
         self._wakeup.set()
 
@@ -202,7 +213,7 @@ class DraftWorker:
     async def _wait_for_batch(self) -> None:
         """Give other sessions and streams a bounded moment to join the head sync's batch."""
         head = self._queue[0]
-        if not isinstance(head, _SyncJob):
+        if not isinstance(head, _SyncJob) or head.complete:
             return
         await wait_for_company(self._wakeup, head.arrived + self.batch_wait_s, self._clock,
                                lambda: len(self._queue) >= self.max_batch_sessions)

@@ -72,17 +72,29 @@ class VerifierRefused(Exception):
         self.status = status
 
 
-def draft_request(request: DraftRequest, sequence: int, num_generated: int) -> drafter_pb2.DraftRequest:
-    return drafter_pb2.DraftRequest(sequence=sequence, sync=drafter_pb2.DraftSync(
+def draft_sync(request: DraftRequest, num_generated: int) -> drafter_pb2.DraftSync:
+    return drafter_pb2.DraftSync(
         session_id=request.session_id, num_cached_tokens=request.num_cached_tokens,
         new_tokens=request.new_tokens, num_tokens=request.num_draft_tokens,
         sampling=sampling_to_proto(request.params), num_generated_tokens=num_generated,
         trace_context=request.trace_context,
-    ))
+    )
 
 
-def release_request(session_id: str, sequence: int) -> drafter_pb2.DraftRequest:
-    return drafter_pb2.DraftRequest(sequence=sequence, release=drafter_pb2.DraftRelease(session_id=session_id))
+def draft_batch_request(requests: Sequence[DraftRequest], sequence: int,
+                        num_generated: Sequence[int]) -> drafter_pb2.DraftRequest:
+    """A round's syncs as one message (answered by one chunk holding `batch`)."""
+    return drafter_pb2.DraftRequest(sequence=sequence, sync_batch=drafter_pb2.DraftSyncBatch(
+        syncs=[draft_sync(r, n) for r, n in zip(requests, num_generated)]))
+
+
+def draft_batch_chunks(answer: drafter_pb2.DraftChunk, requests: Sequence[DraftRequest]) -> list[DraftChunk]:
+    """The chunks answering a batch, one per request in order. A malformed answer (wrong size or
+    session order) is a drafter fault: no drafts this round, full history next time."""
+    if len(answer.batch) != len(requests) or any(
+            part.session_id != request.session_id for part, request in zip(answer.batch, requests)):
+        return [DraftChunk(r.session_id, r.num_cached_tokens + len(r.new_tokens), cache_miss=True) for r in requests]
+    return [draft_chunk((part,)) for part in answer.batch]
 
 
 def draft_chunk(parts: Sequence[drafter_pb2.DraftChunk]) -> DraftChunk:

@@ -1,7 +1,7 @@
 """A drafter replica over gRPC: one bidirectional Draft stream per scheduler connection.
 
-Syncs are written with increasing sequence numbers; a reader task collects the chunks answering
-each (until `last`). A broken stream fails every pending sync with BackendUnavailable and is
+A round's syncs are written as one message (DraftSyncBatch) with an increasing sequence number;
+a reader task collects the answer (one chunk holding an answer per sync). A broken stream fails every pending sync with BackendUnavailable and is
 reopened on next use. Drafts are optional: a slow answer is abandoned after a timeout and the
 round proceeds without drafts for those sessions.
 """
@@ -75,36 +75,31 @@ class RemoteDrafter(RemoteReplica):
                 self._call = None
 
     async def draft(self, requests: Sequence[DraftRequest]) -> list[DraftChunk]:
+        """Draft for a round's sessions with one stream message (DraftSyncBatch) and one answer."""
+        if not requests:
+            return []
         call = self._ensure_stream()
-        loop = asyncio.get_running_loop()
-        waits: list[tuple[int, asyncio.Future]] = []
+        future = asyncio.get_running_loop().create_future()
+        sequence = next(self._sequence)
+        self._pending[sequence] = (future, [])
+        generated = [max(r.num_cached_tokens + len(r.new_tokens) - self._prompt_lengths.get(r.session_id, 0), 0)
+                     for r in requests]
         try:
             async with self._write_lock:
-                for request in requests:
-                    sequence = next(self._sequence)
-                    future = loop.create_future()
-                    self._pending[sequence] = (future, [])
-                    waits.append((sequence, future))
-                    generated = request.num_cached_tokens + len(request.new_tokens) - self._prompt_lengths.get(
-                        request.session_id, 0)
-                    await call.write(convert.draft_request(request, sequence, max(generated, 0)))
+                await call.write(convert.draft_batch_request(requests, sequence, generated))
         except (aio.AioRpcError, asyncio.InvalidStateError, RuntimeError) as error:
-            self._abandon(waits)
+            self._abandon([(sequence, future)])
             raise BackendUnavailable(self.endpoint, f"cannot write to draft stream: {error!r}")
-        done, _ = await asyncio.wait([f for _, f in waits], timeout=self.timeout_s)
-        chunks: list[DraftChunk] = []
-        for request, (sequence, future) in zip(requests, waits):
-            if future in done:
-                if future.exception() is not None:
-                    self._abandon(waits)
-                    raise future.exception()
-                chunks.append(convert.draft_chunk(future.result()))
-            else:
-                # Too slow this round: verify without drafts; our belief of its cache is unchanged.
-                self._pending.pop(sequence, None)
-                chunks.append(DraftChunk(request.session_id, request.num_cached_tokens + len(request.new_tokens),
-                                         num_cached_tokens=request.num_cached_tokens))
-        return chunks
+        done, _ = await asyncio.wait([future], timeout=self.timeout_s)
+        if not done:
+            # Too slow this round: verify without drafts; our belief of its caches is unchanged.
+            self._abandon([(sequence, future)])
+            return [DraftChunk(r.session_id, r.num_cached_tokens + len(r.new_tokens),
+                               num_cached_tokens=r.num_cached_tokens) for r in requests]
+        if future.exception() is not None:
+            raise future.exception()
+        parts = future.result()
+        return convert.draft_batch_chunks(parts[-1], requests)
 
     def _abandon(self, waits: list[tuple[int, asyncio.Future]]) -> None:
         for sequence, future in waits:

@@ -197,6 +197,29 @@ async def test_sessions_and_streams_share_one_batch() -> None:
         assert first.received.keys() == {1, 2, 3} and second.received.keys() == {1, 2}
 
 
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+async def test_sync_batch_is_drafted_at_once_and_answered_in_one_message(params) -> None:
+    reference = CountingDrafter()
+    # A long batch window that a batch message must not wait for.
+    async with _serving(batch_wait_ms=5000.0) as (running, stub):
+        stream = Stream(stub)
+        requests = [_request(sid, 0, prompt, 3, params) for sid, prompt in PROMPTS.items()]
+        bad = drafter_pb2.DraftSync(session_id="bad", num_cached_tokens=-1, num_tokens=2)
+        syncs = [_sync(0, r).sync for r in requests[:2]] + [bad] + [_sync(0, r).sync for r in requests[2:]]
+        started = time.monotonic()
+        sequence = await stream.send(drafter_pb2.DraftRequest(sync_batch=drafter_pb2.DraftSyncBatch(syncs=syncs)))
+        answer = await stream.answer(sequence)
+        assert time.monotonic() - started < 4.0  # not held for the batch window
+        assert answer.sequence == sequence and answer.last and not answer.tokens
+        assert [part.session_id for part in answer.batch] == ["a", "b", "bad", "c", "d"]
+        expected = reference.draft(requests)
+        for part, want in zip([p for p in answer.batch if p.session_id != "bad"], expected):
+            assert_matches(part, want, sampled=not params.greedy)
+        assert answer.batch[2].status == common_pb2.SESSION_STATUS_INVALID
+        assert "num_cached_tokens" in answer.batch[2].error_message
+        assert list(running.worker.batch_sizes) == [4]  # one forward batch for the whole message
+
+
 async def test_a_second_sync_of_a_session_waits_for_the_next_batch() -> None:
     reference = CountingDrafter()
     async with _serving(batch_wait_ms=200.0) as (running, stub):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specmesh.v1 import common_pb2 as specmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specmesh/v1/drafter.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"~\n\x0c\x44raftRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x04sync\x18\x02 \x01(\x0b\x32\x16.specmesh.v1.DraftSyncH\x00\x12,\n\x07release\x18\x03 \x01(\x0b\x32\x19.specmesh.v1.DraftReleaseH\x00\x42\x06\n\x04kind\"\xa5\x02\n\tDraftSync\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x12\n\nnew_tokens\x18\x03 \x03(\x05\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x1c\n\x14num_generated_tokens\x18\x06 \x01(\x05\x12?\n\rtrace_context\x18\x07 \x03(\x0b\x32(.specmesh.v1.DraftSync.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0c\x44raftRelease\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa1\x02\n\nDraftChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.specmesh.v1.SessionStatus\x12\x13\n\x0b\x62\x61se_length\x18\x04 \x01(\x05\x12\x0e\n\x06tokens\x18\x05 \x03(\x05\x12\x13\n\x0b\x63onfidences\x18\x06 \x03(\x02\x12\x36\n\rdistributions\x18\x07 \x03(\x0b\x32\x1f.specmesh.v1.SparseDistribution\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12*\n\ncache_miss\x18\t \x01(\x0b\x32\x16.specmesh.v1.CacheMiss\x12\x15\n\rerror_message\x18\n \x01(\t2\x96\x02\n\x07\x44rafter\x12?\n\x05\x44raft\x12\x19.specmesh.v1.DraftRequest\x1a\x17.specmesh.v1.DraftChunk(\x01\x30\x01\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponse\x12\x44\n\x07Profile\x12\x1b.specmesh.v1.ProfileRequest\x1a\x1c.specmesh.v1.ProfileResponse\x12>\n\x05Stats\x12\x19.specmesh.v1.StatsRequest\x1a\x1a.specmesh.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specmesh/v1/drafter.proto\x12\x0bspecmesh.v1\x1a\x18specmesh/v1/common.proto\"\xb1\x01\n\x0c\x44raftRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x04sync\x18\x02 \x01(\x0b\x32\x16.specmesh.v1.DraftSyncH\x00\x12,\n\x07release\x18\x03 \x01(\x0b\x32\x19.specmesh.v1.DraftReleaseH\x00\x12\x31\n\nsync_batch\x18\x04 \x01(\x0b\x32\x1b.specmesh.v1.DraftSyncBatchH\x00\x42\x06\n\x04kind\"7\n\x0e\x44raftSyncBatch\x12%\n\x05syncs\x18\x01 \x03(\x0b\x32\x16.specmesh.v1.DraftSync\"\xa5\x02\n\tDraftSync\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\x05\x12\x12\n\nnew_tokens\x18\x03 \x03(\x05\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.specmesh.v1.SamplingParams\x12\x1c\n\x14num_generated_tokens\x18\x06 \x01(\x05\x12?\n\rtrace_context\x18\x07 \x03(\x0b\x32(.specmesh.v1.DraftSync.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0c\x44raftRelease\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xc9\x02\n\nDraftChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.specmesh.v1.SessionStatus\x12\x13\n\x0b\x62\x61se_length\x18\x04 \x01(\x05\x12\x0e\n\x06tokens\x18\x05 \x03(\x05\x12\x13\n\x0b\x63onfidences\x18\x06 \x03(\x02\x12\x36\n\rdistributions\x18\x07 \x03(\x0b\x32\x1f.specmesh.v1.SparseDistribution\x12\x0c\n\x04last\x18\x08 \x01(\x08\x12*\n\ncache_miss\x18\t \x01(\x0b\x32\x16.specmesh.v1.CacheMiss\x12\x15\n\rerror_message\x18\n \x01(\t\x12&\n\x05\x62\x61tch\x18\x0b \x03(\x0b\x32\x17.specmesh.v1.DraftChunk2\x96\x02\n\x07\x44rafter\x12?\n\x05\x44raft\x12\x19.specmesh.v1.DraftRequest\x1a\x17.specmesh.v1.DraftChunk(\x01\x30\x01\x12\x44\n\x07Release\x12\x1b.specmesh.v1.ReleaseRequest\x1a\x1c.specmesh.v1.ReleaseResponse\x12\x44\n\x07Profile\x12\x1b.specmesh.v1.ProfileRequest\x1a\x1c.specmesh.v1.ProfileResponse\x12>\n\x05Stats\x12\x19.specmesh.v1.StatsRequest\x1a\x1a.specmesh.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DRAFTSYNC_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_DRAFTSYNC_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_DRAFTREQUEST']._serialized_start=68
-  _globals['_DRAFTREQUEST']._serialized_end=194
-  _globals['_DRAFTSYNC']._serialized_start=197
-  _globals['_DRAFTSYNC']._serialized_end=490
-  _globals['_DRAFTSYNC_TRACECONTEXTENTRY']._serialized_start=439
-  _globals['_DRAFTSYNC_TRACECONTEXTENTRY']._serialized_end=490
-  _globals['_DRAFTRELEASE']._serialized_start=492
-  _globals['_DRAFTRELEASE']._serialized_end=526
-  _globals['_DRAFTCHUNK']._serialized_start=529
-  _globals['_DRAFTCHUNK']._serialized_end=818
-  _globals['_DRAFTER']._serialized_start=821
-  _globals['_DRAFTER']._serialized_end=1099
+  _globals['_DRAFTREQUEST']._serialized_start=69
+  _globals['_DRAFTREQUEST']._serialized_end=246
+  _globals['_DRAFTSYNCBATCH']._serialized_start=248
+  _globals['_DRAFTSYNCBATCH']._serialized_end=303
+  _globals['_DRAFTSYNC']._serialized_start=306
+  _globals['_DRAFTSYNC']._serialized_end=599
+  _globals['_DRAFTSYNC_TRACECONTEXTENTRY']._serialized_start=548
+  _globals['_DRAFTSYNC_TRACECONTEXTENTRY']._serialized_end=599
+  _globals['_DRAFTRELEASE']._serialized_start=601
+  _globals['_DRAFTRELEASE']._serialized_end=635
+  _globals['_DRAFTCHUNK']._serialized_start=638
+  _globals['_DRAFTCHUNK']._serialized_end=967
+  _globals['_DRAFTER']._serialized_start=970
+  _globals['_DRAFTER']._serialized_end=1248
 # @@protoc_insertion_point(module_scope)

@@ -8,14 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DraftRequest(_message.Message):
-    __slots__ = ("sequence", "sync", "release")
+    __slots__ = ("sequence", "sync", "release", "sync_batch")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_BATCH_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     sync: DraftSync
     release: DraftRelease
-    def __init__(self, sequence: _Optional[int] = ..., sync: _Optional[_Union[DraftSync, _Mapping]] = ..., release: _Optional[_Union[DraftRelease, _Mapping]] = ...) -> None: ...
+    sync_batch: DraftSyncBatch
+    def __init__(self, sequence: _Optional[int] = ..., sync: _Optional[_Union[DraftSync, _Mapping]] = ..., release: _Optional[_Union[DraftRelease, _Mapping]] = ..., sync_batch: _Optional[_Union[DraftSyncBatch, _Mapping]] = ...) -> None: ...
+
+class DraftSyncBatch(_message.Message):
+    __slots__ = ("syncs",)
+    SYNCS_FIELD_NUMBER: _ClassVar[int]
+    syncs: _containers.RepeatedCompositeFieldContainer[DraftSync]
+    def __init__(self, syncs: _Optional[_Iterable[_Union[DraftSync, _Mapping]]] = ...) -> None: ...
 
 class DraftSync(_message.Message):
     __slots__ = ("session_id", "num_cached_tokens", "new_tokens", "num_tokens", "sampling", "num_generated_tokens", "trace_context")
@@ -49,7 +57,7 @@ class DraftRelease(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class DraftChunk(_message.Message):
-    __slots__ = ("session_id", "sequence", "status", "base_length", "tokens", "confidences", "distributions", "last", "cache_miss", "error_message")
+    __slots__ = ("session_id", "sequence", "status", "base_length", "tokens", "confidences", "distributions", "last", "cache_miss", "error_message", "batch")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +68,7 @@ class DraftChunk(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     CACHE_MISS_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     sequence: int
     status: _common_pb2.SessionStatus
@@ -70,4 +79,5 @@ class DraftChunk(_message.Message):
     last: bool
     cache_miss: _common_pb2.CacheMiss
     error_message: str
-    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., status: _Optional[_Union[_common_pb2.SessionStatus, str]] = ..., base_length: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., confidences: _Optional[_Iterable[float]] = ..., distributions: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., last: _Optional[bool] = ..., cache_miss: _Optional[_Union[_common_pb2.CacheMiss, _Mapping]] = ..., error_message: _Optional[str] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[DraftChunk]
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., status: _Optional[_Union[_common_pb2.SessionStatus, str]] = ..., base_length: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., confidences: _Optional[_Iterable[float]] = ..., distributions: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., last: _Optional[bool] = ..., cache_miss: _Optional[_Union[_common_pb2.CacheMiss, _Mapping]] = ..., error_message: _Optional[str] = ..., batch: _Optional[_Iterable[_Union[DraftChunk, _Mapping]]] = ...) -> None: ...
