@@ -36,20 +36,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from drafter.config import DrafterConfig  # noqa: E402
 from drafter.controlled_acceptance import ControlledAcceptanceDrafter  # noqa: E402
 from drafter.server import start_drafter  # noqa: E402
-from scheduler.config import SchedulerConfig  # noqa: E402
-from scheduler.server import start_scheduler  # noqa: E402
 from specmesh import fused_ops  # noqa: E402
 from specmesh.distributions import greedy_draft_distributions  # noqa: E402
 from specmesh.model_runner import ForwardRequest, ModelRunner  # noqa: E402
-from specmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
 from verifier.config import VerifierConfig  # noqa: E402
 from verifier.server import start_verifier  # noqa: E402
+
+from bench_processes import ClientHost, SchedulerHost  # noqa: E402
 
 log = logging.getLogger("gpu_bench")
 
@@ -249,39 +247,6 @@ def device_checks(verifier_model: torch.nn.Module, device: torch.device) -> dict
 
 
 # ---- load through the services -----------------------------------------------------------------
-class RoundCounter:
-    """Per-token acceptance from every verification round (the scheduler policy's observe hook):
-    the maximum-likelihood alpha = accepted / (accepted + rounds that hit a rejection)."""
-
-    def __init__(self) -> None:
-        self.accepted = self.trials = self.verified = self.rounds = 0
-        from scheduler import budget_policy, draft_policy
-
-        for policy_class in (budget_policy.AdaptiveBudgetPolicy, draft_policy.FixedDraftLength):
-            policy_class.observe = self._counting(policy_class.observe)
-
-    def _counting(self, original):
-        async def observe(policy, outcomes):
-            for outcome in outcomes:
-                if outcome.result.cache_miss:
-                    continue
-                verified, accepted = len(outcome.item.draft_tokens), outcome.result.accepted_count
-                self.rounds += 1
-                self.verified += verified
-                self.accepted += accepted
-                self.trials += accepted + (1 if accepted < verified else 0)
-            return await original(policy, outcomes)
-
-        return observe
-
-    def take(self) -> dict:
-        out = {"alpha_hat": self.accepted / self.trials if self.trials else 0.0,
-               "gamma_verified": self.verified / self.rounds if self.rounds else 0.0,
-               "policy_rounds": self.rounds, "alpha_trials": self.trials, "alpha_accepted": self.accepted}
-        self.accepted = self.trials = self.verified = self.rounds = 0
-        return out
-
-
 class BusyClock:
     """Wraps a core method to add up the seconds it runs (on the service's worker thread)."""
 
@@ -304,24 +269,6 @@ class BusyClock:
         out = (self.seconds, self.calls)
         self.seconds, self.calls = 0.0, 0
         return out
-
-
-async def generate(stub, request_id: str, prompt: list[int], max_tokens: int, speculation: bool) -> dict:
-    request = scheduler_pb2.ScheduleRequest(request_id=request_id, prompt_token_ids=prompt,
-                                            sampling=common_pb2.SamplingParams(temperature=0.0),
-                                            max_tokens=max_tokens, disable_speculation=not speculation)
-    start = time.perf_counter()
-    ttft = None
-    tokens: list[int] = []
-    spec = None
-    async for message in stub.Generate(request):
-        if message.token_ids and ttft is None:
-            ttft = time.perf_counter() - start
-        tokens.extend(message.token_ids)
-        spec = message.speculation
-    return {"latency_s": time.perf_counter() - start, "ttft_s": ttft or 0.0, "tokens": tokens,
-            "drafted": spec.drafted_tokens if spec else 0, "accepted": spec.accepted_tokens if spec else 0,
-            "rounds": spec.rounds if spec else 0}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -395,7 +342,7 @@ async def main_async(args) -> dict:
                                                name="controlled-acceptance/llama-0.75b-shape", draft_top_k=8)
     drafter = await start_drafter(
         DrafterConfig(model="controlled-acceptance", num_slots=slots, max_context=max_context,
-                      draft_ahead_tokens=args.draft_ahead, batch_wait_ms=1.0, max_draft_tokens=16, idle_ttl_s=0,
+                      draft_ahead_tokens=0, batch_wait_ms=1.0, max_draft_tokens=16, idle_ttl_s=0,
                       dtype="float32" if tiny else "bfloat16", device=device.type, profile_batch_sizes=(1, 16, 64)),
         drafter_core=drafter_core)
     meta["services_start_s"] = time.perf_counter() - t0
@@ -462,16 +409,21 @@ async def main_async(args) -> dict:
                       "drafter": len(drunner.packed.graphs) if drunner.packed and drunner.packed.graphs else 0}
     log.info("setup done at %.0f s: %s", time.perf_counter() - started, meta)
 
-    # One adaptive scheduler per alpha (each learns its own calibration), one with a fixed gamma.
-    schedulers = {}
+    # One adaptive scheduler per alpha (each learns its own calibration), one with a fixed gamma;
+    # in a process of their own, and the clients in another (scripts/bench_processes.py).
+    configs = {}
     for alpha in args.alphas:
-        schedulers[alpha] = await start_scheduler(SchedulerConfig(
-            verifiers=(verifier.address,), drafters=(drafter.address,), policy="adaptive",
-            max_draft_tokens=args.max_draft_tokens, max_batch_sessions=slots, connect_wait_s=30))
+        configs[str(alpha)] = dict(verifiers=(verifier.address,), drafters=(drafter.address,), policy="adaptive",
+                                   max_draft_tokens=args.max_draft_tokens, max_batch_sessions=slots,
+                                   connect_wait_s=30)
     if args.fixed_gamma > 0:
-        schedulers["fixed"] = await start_scheduler(SchedulerConfig(
-            verifiers=(verifier.address,), drafters=(drafter.address,), policy="fixed",
-            draft_length=args.fixed_gamma, max_batch_sessions=slots, connect_wait_s=30))
+        configs["fixed"] = dict(verifiers=(verifier.address,), drafters=(drafter.address,), policy="fixed",
+                                draft_length=args.fixed_gamma, max_batch_sessions=slots, connect_wait_s=30)
+    t0 = time.perf_counter()
+    schedulers = SchedulerHost(configs)
+    clients = ClientHost(await schedulers.call("addresses"))
+    meta["side_processes_start_s"] = time.perf_counter() - t0
+
     def graph_state() -> dict:
         out = {}
         for name, runner in (("verifier", vrunner), ("drafter", drunner)):
@@ -479,11 +431,8 @@ async def main_async(args) -> dict:
             out[name] = {"graphs": len(graphs), "capture_s": graphs.capture_seconds} if graphs is not None else {}
         return out
 
-    rounds = RoundCounter()
     verify_clock = BusyClock(verifier.core, "verify")
     draft_clock = BusyClock(drafter_core, "draft")
-    channels = {a: grpc.aio.insecure_channel(s.address) for a, s in schedulers.items()}
-    stubs = {a: scheduler_pb2_grpc.SchedulerStub(c) for a, c in channels.items()}
     vocab = verifier_model.config.vocab_size
     rng = random.Random(0)
     counter = iter(range(10**9))
@@ -491,21 +440,25 @@ async def main_async(args) -> dict:
     def prompts(n: int) -> list[list[int]]:
         return [[rng.randrange(vocab) for _ in range(rng.randint(64, 128))] for _ in range(n)]
 
-    async def run_slice(stub, batch: list[list[int]], speculation: bool, ids: list[str]) -> tuple[list[dict], dict]:
-        verify_clock.take(), draft_clock.take(), rounds.take()
-        start = time.perf_counter()
-        samples = await asyncio.gather(*(generate(stub, rid, p, args.max_tokens, speculation)
-                                         for rid, p in zip(ids, batch)))
-        wall = time.perf_counter() - start
+    async def run_slice(scheduler: str, batch: list[list[int]], speculation: bool,
+                        ids: list[str]) -> tuple[list[dict], dict]:
+        verify_clock.take(), draft_clock.take(), await schedulers.call("rounds")
+        samples, wall = await clients.run(scheduler, ids, batch, args.max_tokens, speculation)
         summary = summarise(samples, wall, verify_clock.take(), draft_clock.take())
-        summary.update(rounds.take())
+        summary.update(await schedulers.call("rounds"))
         return samples, summary
 
     async def controlled(alpha: float, batch: list[list[int]], references: list[list[int]], policy: str = "adaptive"):
+        """policy: adaptive, fixed (gamma), or ahead (adaptive, the drafter drafting ahead while
+        verification runs: PEARL-style, drafter/draft_worker.py)."""
         ids = [f"a{alpha}-{policy}-{next(counter)}" for _ in batch]
         for rid, prompt, ref in zip(ids, batch, references):
             drafter_core.register(rid, prompt + ref, alpha)
-        samples, summary = await run_slice(stubs[alpha if policy == "adaptive" else "fixed"], batch, True, ids)
+        drafter.worker.draft_ahead_tokens = args.draft_ahead if policy == "ahead" else 0
+        try:
+            samples, summary = await run_slice("fixed" if policy == "fixed" else str(alpha), batch, True, ids)
+        finally:
+            drafter.worker.draft_ahead_tokens = 0
         summary["diverged_sessions"] = drafter_core.num_diverged_among(ids)
         drafter_core.forget(ids)
         return samples, summary
@@ -513,20 +466,14 @@ async def main_async(args) -> dict:
     # Warm-up: every scheduler learns its acceptance; graphs and allocator settle.
     t0 = time.perf_counter()
     warm = prompts(4)
-    warm_refs, _ = await run_slice(stubs[args.alphas[0]], warm, False, [f"w{next(counter)}" for _ in warm])
-    # Exploration: with an empty calibration (prior acceptance 0.5) and no measured draft cost the
-    # adaptive policy finds drafting not worth it and, never drafting, never learns otherwise
-    # (seen on the first GPU run). So its first rounds draft a fixed 4 tokens; then it decides.
-    from scheduler import budget_policy
-
-    plan_drafts = budget_policy.AdaptiveBudgetPolicy._plan_drafts
-    budget_policy.AdaptiveBudgetPolicy._plan_drafts = lambda self, sessions, caps: {
-        s.session_id: min(4, cap) for s, cap in zip(sessions, caps)}
+    warm_refs, _ = await run_slice(str(args.alphas[0]), warm, False, [f"w{next(counter)}" for _ in warm])
+    # Exploration: the adaptive policy's first rounds draft a fixed 4 tokens, then it decides.
+    await schedulers.call("explore", 4)
     try:
         for alpha in args.alphas:
             await controlled(alpha, warm, [s["tokens"] for s in warm_refs])
     finally:
-        budget_policy.AdaptiveBudgetPolicy._plan_drafts = plan_drafts
+        await schedulers.call("explore", 0)
     for alpha in args.alphas:
         await controlled(alpha, warm, [s["tokens"] for s in warm_refs])
     meta["warmup_s"] = time.perf_counter() - t0
@@ -538,10 +485,9 @@ async def main_async(args) -> dict:
             result.setdefault("skipped_levels", []).append(concurrency)
             continue
         modes: dict[str, list[dict]] = {"off": []}
-        # The drafter batches syncs that arrive within batch_wait of the first; one session
-        # needs no wait (a round's syncs arrive as one burst, one message per session).
-        drafter.worker.batch_wait_s = 0.0 if concurrency == 1 else 0.001
-        policies = ["adaptive"] + (["fixed"] if args.fixed_gamma > 0 else [])
+        # A round's syncs come as one batch message, drafted at once; the batch window (1 ms)
+        # only applies to syncs from other streams, of which there are none here.
+        policies = ["adaptive"] + (["fixed"] if args.fixed_gamma > 0 else []) + (["ahead"] if args.draft_ahead else [])
         repeats = args.repeats
         per_slice = max(concurrency, args.min_requests // repeats) if concurrency == 1 else concurrency
         captured = graph_state()
@@ -551,7 +497,7 @@ async def main_async(args) -> dict:
             batch = prompts(per_slice if measured else concurrency)
             samples_off = []
             for start in range(0, len(batch), concurrency):
-                samples, summary = await run_slice(stubs[args.alphas[0]], batch[start:start + concurrency], False,
+                samples, summary = await run_slice(str(args.alphas[0]), batch[start:start + concurrency], False,
                                                    [f"off-{next(counter)}" for _ in range(concurrency)])
                 samples_off.extend(samples)
                 if measured:
@@ -563,7 +509,8 @@ async def main_async(args) -> dict:
                         _, summary = await controlled(alpha, batch[start:start + concurrency],
                                                       references[start:start + concurrency], policy)
                         if measured:
-                            name = f"a{alpha} " + ("adapt" if policy == "adaptive" else f"fix{args.fixed_gamma}")
+                            name = f"a{alpha} " + {"adaptive": "adapt", "fixed": f"fix{args.fixed_gamma}",
+                                                   "ahead": f"ahead{args.draft_ahead}"}[policy]
                             modes.setdefault(name, []).append(summary)
             if repeat == 0:
                 captured = graph_state()  # graphs captured after the warm-up show in graphs_at_end
@@ -582,9 +529,9 @@ async def main_async(args) -> dict:
         log.info("level %d done at %.0f s", concurrency, time.perf_counter() - started)
     result["levels"] = levels
     meta["total_s"] = time.perf_counter() - started
-    for channel in channels.values():
-        await channel.close()
-    for service in (*schedulers.values(), drafter, verifier):
+    await clients.stop()
+    await schedulers.stop()
+    for service in (drafter, verifier):
         await service.stop()
     return result
 
@@ -658,7 +605,8 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.6,0.8,0.9")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-draft-tokens", type=int, default=8)
-    parser.add_argument("--draft-ahead", type=int, default=0)
+    parser.add_argument("--draft-ahead", type=int, default=4,
+                        help="also run adaptive with the drafter drafting this far ahead (0: no) at --fixed-alphas")
     parser.add_argument("--fixed-gamma", type=int, default=4, help="also run a fixed-gamma scheduler (0: no)")
     parser.add_argument("--fixed-alphas", default="0.8", help="alphas the fixed-gamma scheduler runs")
     parser.add_argument("--repeats", type=int, default=2)
