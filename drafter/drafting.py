@@ -13,6 +13,12 @@ is verifying (PEARL-style overlap of draft and verify); a later sync that confir
 gets those tokens without a forward. Draft randomness is keyed by absolute position, so a token
 drafted ahead is exactly the token that would be drafted on demand: draft-ahead changes cost,
 never output.
+
+A drafter with a draft vocabulary (an LM head over K chosen tokens, `specmesh train-drafter
+--draft-vocab K`) produces logits over those K tokens: tokens are drawn, q is built and the
+confidence head reads logits in that space, and the drafted index and q's indices are mapped
+back to token ids before anything leaves the drafter. q has no mass outside the K tokens,
+which the verifier's rejection rule handles like any q.
 """
 
 from __future__ import annotations
@@ -116,6 +122,12 @@ class ModelDrafter:
         # [0, 1]. Without one, a draft token's confidence is its draft probability.
         self.confidence_head = confidence_head
         self.slots = SessionSlots(runner.cache, idle_ttl_s=idle_ttl_s)
+        # Token id of each logit row when the LM head covers a draft vocabulary only; the
+        # vocabulary of the input side is then the embedding's.
+        ids = getattr(runner.lm_head, "token_ids", None)
+        self.draft_token_ids: list[int] | None = [int(i) for i in ids.tolist()] if ids is not None else None
+        self.vocab_size: int = (int(runner.model.get_input_embeddings().num_embeddings) if ids is not None
+                                else runner.vocab_size)
         self._paths: dict[str, _Path] = {}
         # Counters, for stats and tests: forward passes run, draft tokens answered from a path
         # without a forward (drafted ahead, or kept from an earlier draft).
@@ -202,7 +214,7 @@ class ModelDrafter:
 
     def draft(self, requests: Sequence[DraftRequest]) -> list[DraftChunk]:
         for request in requests:
-            validate_request(request, self.runner.vocab_size)
+            validate_request(request, self.vocab_size)
         if len({r.session_id for r in requests}) != len(requests):
             raise InvalidRequestError("a draft batch may hold each session only once")
         self.slots.evict_idle()
@@ -302,6 +314,10 @@ class ModelDrafter:
                 assert params is not None
                 uniform = draft_uniform(params.seed or 0, len(path.tokens))
                 picks[b] = draft_distribution(logits[b], params, self.draft_top_k, uniform)
+        if self.draft_token_ids is not None:
+            ids = self.draft_token_ids
+            picks = [(ids[token], confidence, SparseDistribution(tuple(ids[i] for i in q.token_ids), q.probs))
+                     for token, confidence, q in picks]  # type: ignore[misc]
         return picks  # type: ignore[return-value]
 
     @torch.inference_mode()

@@ -81,7 +81,7 @@ def build_profile(core: Any, *, model_name: str, tokenizer: Any | None, max_draf
     if runner is not None:
         return DrafterProfile(
             model_name=model_name,
-            vocab_size=runner.vocab_size,
+            vocab_size=int(getattr(core, "vocab_size", runner.vocab_size)),  # a draft vocabulary's input side is whole
             tokenizer_fingerprint=fingerprint,
             cost_table=tuple(measure_step_costs(runner, batch_sizes)),
             max_context_tokens=runner.max_tokens,

@@ -323,6 +323,9 @@ def train_drafter(
     minutes: float = typer.Option(10.0, help="Time for data generation and training; evaluation follows."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     max_data_tokens: int | None = typer.Option(None, "--max-data-tokens", help="Stop generating data after N tokens."),
+    draft_vocab: int | None = typer.Option(None, "--draft-vocab", help="Draft from the K tokens the verifier "
+                                           "generates most often (0: the whole vocabulary; default: 8192 for "
+                                           "vocabularies of 32k tokens or more, else the whole vocabulary)."),
     seed: int = typer.Option(0, help="Seed of the data split, sampling and initialisation."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -333,7 +336,8 @@ def train_drafter(
     from specmesh.drafter_training.train import TrainOptions
 
     options = TrainOptions(num_layers=layers, hidden_size=hidden, minutes=minutes, device=device,
-                           prompts_file=prompts, max_data_tokens=max_data_tokens, seed=seed)
+                           prompts_file=prompts, max_data_tokens=max_data_tokens, seed=seed,
+                           draft_vocab=draft_vocab)
     try:
         report = run_train_drafter(verifier, out, options)
     except (SpecmeshError, ValueError) as error:

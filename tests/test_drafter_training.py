@@ -8,29 +8,39 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from drafter.config import DrafterConfig
 from drafter.loading import load_drafter
 from specmesh.cli import app
 from specmesh.drafter_refs import SHIPPED_DRAFTERS, parse_drafter_ref
-from specmesh.drafter_training.data import PromptFileError, load_prompt_file
+from drafter.drafting import ModelDrafter
+from specmesh.drafter_training.data import PromptFileError, builtin_prompts, load_prompt_file
 from specmesh.drafter_training.evaluate import calibration
 from specmesh.drafter_training.export import (
+    DRAFT_VOCAB as DRAFT_VOCAB_FILE,
     HEAD_WEIGHTS,
     MARKER,
     WEIGHTS,
     export_drafter,
     load_trained_drafter,
 )
-from specmesh.drafter_training.losses import confidence_loss
-from specmesh.drafter_training.model import ConfidenceHead
+from specmesh.drafter_training.losses import confidence_loss, distillation_terms
+from specmesh.drafter_training.model import (
+    ConfidenceHead,
+    draft_token_ids,
+    frequency_ranked_vocabulary,
+    restrict_vocabulary,
+)
 from specmesh.drafter_training.train import TrainOptions, train_drafter
 from specmesh.engine import Engine, EngineConfig, build_drafter
 from specmesh.errors import ModelReferenceError
 from specmesh.model_loading import load_causal_lm, tokenizer_fingerprint
+from specmesh.model_runner import ModelRunner
 from specmesh.records import DraftRequest
 from specmesh.sampling_params import SamplingParams
 from tests.tiny_models import COMMON_WORDS, make_tiny_llama, make_tiny_tokenizer
@@ -67,7 +77,8 @@ def workspace(tmp_path_factory):
     prompts = _write_prompts(root / "prompts.jsonl")
     options = TrainOptions(num_layers=1, minutes=10, prompts_file=str(prompts), max_new_tokens=16,
                            samples_per_prompt=8, max_data_tokens=2000, held_out_fraction=0.2,
-                           generation_batch_size=64, batch_tokens=1024, max_steps=200, acceptance_rounds=32)
+                           generation_batch_size=64, batch_tokens=1024, max_steps=200, acceptance_rounds=32,
+                           greedy_eval_prompts=8, greedy_eval_tokens=16)
     trained = train_drafter(verifier, tokenizer, options)
     out = export_drafter(root / "drafter", trained.model, tokenizer, shared=trained.shared, head=trained.head,
                          verifier_name="tiny", verifier_fingerprint=tokenizer_fingerprint(tokenizer),
@@ -229,3 +240,183 @@ def test_shipped_drafter_drafts_for_smollm2_with_exact_greedy_output():
     plain = Engine(loaded.model, loaded.tokenizer, None, config).generate(messages=messages, max_tokens=12)
     assert with_drafter.token_ids == plain.token_ids
     assert with_drafter.stats.accepted_tokens > 0
+
+
+# --------------------------------------------------------------------------- draft vocabulary
+
+DRAFT_VOCAB = 24  # of the tiny verifier's 64 tokens
+
+
+@pytest.fixture(scope="module")
+def reduced(workspace):
+    """A drafter trained with a draft vocabulary of DRAFT_VOCAB tokens, exported."""
+    options = TrainOptions(num_layers=1, minutes=10, prompts_file=str(workspace["prompts"]), max_new_tokens=16,
+                           samples_per_prompt=8, max_data_tokens=2000, held_out_fraction=0.2,
+                           generation_batch_size=64, batch_tokens=1024, max_steps=150, acceptance_rounds=32,
+                           greedy_eval_prompts=8, greedy_eval_tokens=16, draft_vocab=DRAFT_VOCAB)
+    trained = train_drafter(workspace["verifier"], workspace["tokenizer"], options)
+    out = export_drafter(workspace["root"] / "reduced", trained.model, workspace["tokenizer"], shared=trained.shared,
+                         head=trained.head, verifier_name="tiny",
+                         verifier_fingerprint=tokenizer_fingerprint(workspace["tokenizer"]))
+    return {"trained": trained, "out": out}
+
+
+def test_frequency_ranked_vocabulary_ranks_by_count_keeps_the_end_token_and_has_the_asked_size():
+    tokens = [[5, 5, 5, 9, 9, 2], [9, 5, 7]]
+    assert frequency_ranked_vocabulary(tokens, 16, 3) == [5, 9, 2]  # 5 ×4, 9 ×3, then 2 and 7 tie: lower id
+    assert frequency_ranked_vocabulary(tokens, 16, 3, always=[11]) == [11, 5, 9]
+    filled = frequency_ranked_vocabulary(tokens, 16, 6)
+    assert filled[:4] == [5, 9, 2, 7] and len(set(filled)) == 6  # unseen ids fill up to the size
+    assert frequency_ranked_vocabulary(tokens, 4, 10) == [2, 0, 1, 3]  # at most the vocabulary; 5, 7, 9 lie outside
+
+
+def test_distillation_terms_with_a_draft_vocabulary():
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(5, 12, generator=generator) * 3
+    student = torch.randn(5, 12, generator=generator) * 3
+    # Every token, in another order: the same terms as the full vocabulary.
+    order = torch.randperm(12, generator=generator)
+    full, permuted = distillation_terms(student, teacher), distillation_terms(student[:, order], teacher, order)
+    for a, b in ((full.kl, permuted.kl), (full.tv, permuted.tv)):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(full.agree, permuted.agree)
+    # A subset: TV counts the teacher's mass outside it in full; KL is finite.
+    ids = order[:4]
+    terms = distillation_terms(student[:, ids], teacher, ids)
+    p = teacher.softmax(dim=-1)
+    q = torch.zeros_like(p)
+    q[:, ids] = student[:, ids].softmax(dim=-1)
+    assert torch.allclose(terms.tv, 0.5 * (p - q).abs().sum(dim=-1), atol=1e-5)
+    assert torch.isfinite(terms.kl).all() and (terms.kl >= -1e-6).all()
+    assert torch.equal(terms.agree, ids[student[:, ids].argmax(dim=-1)] == teacher.argmax(dim=-1))
+
+
+def test_reduced_vocabulary_drafter_trains_exports_and_loads_back(reduced, workspace):
+    report = reduced["trained"].report
+    vocabulary = report["draft_vocabulary"]
+    assert vocabulary["restricted"] and vocabulary["size"] == DRAFT_VOCAB
+    assert 0.5 < vocabulary["train_coverage"] <= 1.0 and 0.0 < vocabulary["held_out_coverage"] <= 1.0
+    evaluation = report["evaluation"]
+    assert evaluation["teacher_forced"]["top1_agreement"] > evaluation["untrained_top1_agreement"] + 0.2
+    assert vocabulary["top1_agreement_full_vocabulary_head"] is not None
+    out = reduced["out"]
+    assert (out / DRAFT_VOCAB_FILE).is_file() and json.loads((out / MARKER).read_text())["draft_vocabulary"]["size"] == 24
+    ids = draft_token_ids(reduced["trained"].model)
+    assert sorted(set(ids.tolist())) != list(range(DRAFT_VOCAB))  # ranked by frequency, not the first ids
+    verifier = workspace["verifier"]
+    for loaded in (load_trained_drafter(out, verifier_model=verifier),
+                   load_trained_drafter(out, verifier_ref=str(workspace["verifier_dir"]))):
+        head = loaded.model.get_output_embeddings()
+        assert torch.equal(draft_token_ids(loaded.model), ids)
+        # The head's rows are the verifier's rows of those tokens, gathered at load (none shipped).
+        assert torch.allclose(head.weight, verifier.lm_head.weight[ids])
+    with safe_open(str(out / WEIGHTS), framework="pt") as handle:
+        assert not any(k.startswith("lm_head") for k in handle.keys())
+    # Re-exporting a full-vocabulary drafter into the directory drops the stale draft vocabulary.
+    trained = workspace["trained"]
+    export_drafter(out, trained.model, workspace["tokenizer"], shared=trained.shared, head=trained.head,
+                   verifier_name="tiny", verifier_fingerprint="x")
+    assert not (out / DRAFT_VOCAB_FILE).exists()
+    assert draft_token_ids(load_trained_drafter(out, verifier_model=verifier).model) is None
+
+
+def test_reduced_vocabulary_drafter_keeps_greedy_output_exact_and_sends_token_ids(reduced, workspace):
+    verifier, tokenizer = workspace["verifier"], workspace["tokenizer"]
+    directory = workspace["root"] / "reduced_b"
+    trained = reduced["trained"]
+    export_drafter(directory, trained.model, tokenizer, shared=trained.shared, head=trained.head,
+                   verifier_name="tiny", verifier_fingerprint=tokenizer_fingerprint(tokenizer))
+    config = EngineConfig(draft_length=4, num_slots=4, max_context=256)
+    drafter = build_drafter(str(directory), verifier, tokenizer, config)
+    ids = draft_token_ids(trained.model).tolist()
+    assert drafter.draft_token_ids == ids and drafter.vocab_size == 64
+    prompts = [[1, 5, 9, 12, 7, 8, 30], [3, 40, 41, 2], [60, 61, 62, 63, 10]]  # ids beyond the draft vocabulary too
+    with_drafter = Engine(verifier, tokenizer, drafter, config).generate_batch_ids(prompts, SamplingParams(),
+                                                                                   max_tokens=24)
+    plain = Engine(verifier, tokenizer, None, config).generate_batch_ids(prompts, SamplingParams(), max_tokens=24)
+    assert [o.token_ids for o in with_drafter] == [o.token_ids for o in plain]
+    assert sum(o.stats.accepted_tokens for o in with_drafter) > 0
+    fresh = build_drafter(str(directory), verifier, tokenizer, config)
+    chunk = fresh.draft([DraftRequest("s", 0, tuple(prompts[0]), 4, SamplingParams())])[0]
+    assert set(chunk.tokens) <= set(ids) and all(set(q.token_ids) <= set(ids) for q in chunk.distributions)
+    # The confidence head saw the logits it was trained on: the K draft-vocabulary logits.
+    model = fresh.runner.model
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[0]])).logits[:, -1]
+        assert logits.shape[-1] == len(ids)
+        assert chunk.tokens[0] == ids[int(logits.argmax())]
+        assert abs(float(fresh.confidence_head(logits)[0]) - chunk.confidences[0]) < 1e-4
+    # Its profile reports the whole vocabulary (prompts may hold any token).
+    from drafter.profiling import build_profile
+
+    assert build_profile(fresh, model_name="d", tokenizer=tokenizer, max_draft_tokens=4, batch_sizes=[1]).vocab_size == 64
+
+
+def test_reduced_vocabulary_drafter_keeps_sampled_output_distribution():
+    """The engine's sampled output follows the verifier even though the drafter can propose only
+    6 of 10 tokens (the other 4 come only from corrections and bonus tokens); chi-square over
+    20k seeded samples of two tokens, the same check as tests/test_sampling_distribution_engine.py."""
+    from tests.test_sampling_distribution_engine import (
+        BATCH, MAX_CONTEXT, NUM_SAMPLES, PVALUE_OK, VOCAB, _tiny, chi2_pvalue, exact_distributions, sample)
+
+    verifier, drafter_model = _tiny(seed=1, head_scale=8.0), _tiny(seed=7, head_scale=8.0)
+    ids = [3, 8, 0, 5, 1, 9]
+    restrict_vocabulary(drafter_model, ids)
+    config = EngineConfig(num_slots=BATCH, max_context=MAX_CONTEXT, draft_length=3)
+    drafter = ModelDrafter(ModelRunner(drafter_model, BATCH, MAX_CONTEXT), draft_top_k=config.draft_top_k)
+    engine = Engine(verifier, None, drafter, config, stop_token_ids=[])
+    params = SamplingParams(temperature=1.0)
+    p1, joint = exact_distributions(verifier, params)
+    outs = sample(engine, params, 2, NUM_SAMPLES, first_seed=77_000_000)
+    first = np.bincount([o.token_ids[0] for o in outs], minlength=VOCAB)
+    pairs = np.zeros((VOCAB, VOCAB))
+    for o in outs:
+        pairs[o.token_ids[0], o.token_ids[1]] += 1
+    assert chi2_pvalue(first, p1) > PVALUE_OK, first.tolist()
+    assert chi2_pvalue(pairs, joint) > PVALUE_OK
+    outside = [t for t in range(VOCAB) if t not in ids]
+    assert first[outside].sum() > 0  # tokens the drafter cannot propose still come out, at their rate
+    accepted = sum(o.stats.accepted_tokens for o in outs)
+    assert 0.05 < accepted / sum(o.stats.drafted_tokens for o in outs) < 0.95
+    # Negative control: the drafted token mapped to its id but q left over row indices (q then
+    # misstates the probability of what was drafted): the same check fails.
+    broken = ModelDrafter(ModelRunner(drafter_model, BATCH, MAX_CONTEXT), draft_top_k=config.draft_top_k)
+    broken.draft_token_ids = None
+    unmapped_pick = broken._pick
+    broken._pick = lambda logits, paths: [(ids[t], c, q) for t, c, q in unmapped_pick(logits, paths)]
+    broken_engine = Engine(verifier, None, broken, config, stop_token_ids=[])
+    bad = sample(broken_engine, params, 2, 4000, first_seed=78_000_000)
+    bad_pairs = np.zeros((VOCAB, VOCAB))
+    for o in bad:
+        bad_pairs[o.token_ids[0], o.token_ids[1]] += 1
+    assert chi2_pvalue(bad_pairs, joint) < PVALUE_OK
+
+
+def test_builtin_prompts_are_varied_and_never_the_bench_prompts():
+    from specmesh.workloads import WORKLOADS
+
+    requests = builtin_prompts()
+    bench = {t.strip() for texts in WORKLOADS.values() for t in texts}
+    contents = [m["content"] for r in requests for m in r["messages"]]
+    assert not bench & {c.strip() for c in contents}
+    chat = [r for r in requests if r["set"] == "chat"]
+    assert len(chat) > 1000
+    roles = {tuple(m["role"] for m in r["messages"]) for r in chat}
+    assert {("user",), ("system", "user"), ("user", "assistant", "user")} <= roles
+    first_words = {r["messages"][-1]["content"].split()[0].lower().strip(",") for r in chat}
+    assert len(first_words) >= 25  # questions, instructions, requests: not a handful of templates
+
+
+def test_evaluation_reports_greedy_text_agreement_on_held_out_and_bench_prompts(workspace):
+    greedy = workspace["trained"].report["evaluation"]["greedy_text"]
+    assert set(greedy) == {"held_out_chat", "bench_chat"}
+    assert greedy["bench_chat"]["prompts"] == 8 and greedy["bench_chat"]["positions"] > 0
+    assert 0.0 <= greedy["held_out_chat"]["top1_agreement"] <= 1.0
+    assert greedy["held_out_chat"]["top1_agreement"] > workspace["trained"].report["evaluation"][
+        "untrained_top1_agreement"]
+
+
+def test_cli_rejects_a_negative_draft_vocabulary(workspace, tmp_path):
+    result = CliRunner().invoke(app, ["train-drafter", "--verifier", str(workspace["verifier_dir"]), "--out",
+                                      str(tmp_path / "o"), "--draft-vocab", "-1"])
+    assert result.exit_code == 2 and "--draft-vocab" in result.output

@@ -53,10 +53,12 @@ def run_train_drafter(verifier_ref: str, out: str | Path, options: TrainOptions,
         "top1_agreement": evaluation["teacher_forced"].get("top1_agreement"),
         "untrained_top1_agreement": evaluation.get("untrained_top1_agreement"),
         "tokens_per_round": evaluation["acceptance"].get("tokens_per_round"),
+        "greedy_text_top1_agreement": {k: v.get("top1_agreement") for k, v in evaluation.get("greedy_text", {}).items()},
         "head_ece": evaluation["teacher_forced"].get("calibration_head", {}).get("ece"),
         "train_completion_tokens": report["data"]["train_completion_tokens"],
         "training_seconds": report["training"]["training_seconds"],
         "device": report["device"],
+        "draft_vocabulary": report["draft_vocabulary"]["size"] if report["draft_vocabulary"]["restricted"] else None,
     }
     export_drafter(out, trained.model, loaded.tokenizer, shared=trained.shared, head=trained.head,
                    verifier_name=loaded.name, verifier_fingerprint=tokenizer_fingerprint(loaded.tokenizer),
@@ -75,9 +77,17 @@ def format_summary(report: dict[str, Any], out: str | Path) -> str:
              f"data: {report['data']['train_completion_tokens']} tokens from {report['data']['train_samples']} "
              f"samples in {report['data']['generation_seconds']} s; training: {report['training']['steps']} steps "
              f"in {report['training']['training_seconds']} s"]
+    vocabulary = report.get("draft_vocabulary", {})
+    if vocabulary.get("restricted"):
+        lines.append(f"draft vocabulary: {vocabulary['size']} tokens, covering {vocabulary['train_coverage']:.1%} of the "
+                     f"training text and {vocabulary['held_out_coverage']:.1%} of the held-out text")
     if tf.get("num_positions"):
         lines.append(f"held-out top-1 agreement: {tf['top1_agreement']:.1%} "
                      f"(untrained {evaluation['untrained_top1_agreement']:.1%}); by set: {tf['top1_agreement_by_set']}")
+    for name, label in (("held_out_chat", "held-out chat prompts"), ("bench_chat", "`specmesh bench` chat prompts")):
+        greedy = evaluation.get("greedy_text", {}).get(name)
+        if greedy and greedy.get("top1_agreement") is not None:
+            lines.append(f"top-1 agreement on greedy text of {greedy['prompts']} {label}: {greedy['top1_agreement']:.1%}")
     if acceptance.get("num_rounds"):
         lines.append("greedy acceptance P(first j accepted), j=1..8: "
                      + " ".join(f"{p:.2f}" for p in acceptance["p_accepted_at_least"]))

@@ -3,8 +3,15 @@
 A drafter is only useful where it agrees with the verifier on the text the verifier actually
 writes, so the data is the verifier's own output (sampled, so it covers more than the single
 greedy path), with its chat template when it has one. Prompts come from built-in sets (chat,
-code, lists/structured text; built from templates × topics so that held-out prompts are new
-combinations) or from a user JSONL file of {"prompt": ...} or {"messages": [...]} lines.
+code, lists/structured text) or from a user JSONL file of {"prompt": ...} or {"messages": [...]}
+lines.
+
+The built-in chat set mixes many ways of asking (questions, instructions with length or format
+limits, casual requests, comparisons, advice, creative writing, role and system prompts, short
+multi-turn exchanges) over many subjects: a drafter trained on one phrasing (templates x topics)
+learns that phrasing's answers and agrees far less on differently worded requests. The
+`specmesh bench` prompts (specmesh/workloads.py) are never trained on: they are how the
+drafter is measured on phrasing it has not seen.
 """
 
 from __future__ import annotations
@@ -87,19 +94,144 @@ _STRUCTURED_TEMPLATES = (
 )
 
 
+# Varied phrasings over more subjects (none of the `specmesh bench` prompts' subjects).
+_SUBJECTS = _CHAT_TOPICS + (
+    "the Great Wall of China", "antibiotics", "the speed of light", "plate tectonics", "the Renaissance",
+    "blockchain", "quantum computers", "the Silk Road", "bird migration", "the periodic table",
+    "supply and demand", "the Olympic Games", "coral reefs", "artificial intelligence", "tea",
+    "the Industrial Revolution", "wind turbines", "DNA", "the Amazon rainforest", "budgeting",
+    "open source software", "the pyramids of Egypt", "hurricanes", "electricity", "photography",
+    "minimalism", "the solar system", "fermentation", "memory and forgetting", "social media",
+    "urban gardening", "the Cold War", "3D printing", "marathon running", "nuclear power",
+    "the theory of evolution", "credit scores", "origami", "glaciers", "the human brain",
+)
+_QUESTIONS = (
+    "What is {s}?", "How does {s} work?", "Why is {s} important?", "What should everyone know about {s}?",
+    "Can you tell me about {s}?", "hey, what's the deal with {s}?", "Is {s} overrated?",
+    "What are the main causes and effects of {s}?", "How would you explain {s} to a ten-year-old?",
+    "What's the history of {s}, in brief?", "Tell me something surprising about {s}.",
+    "What are the biggest open questions about {s}?", "How has {s} changed over time?",
+    "I keep hearing about {s}. What is it, in simple terms?", "What do experts disagree about regarding {s}?",
+    "Could you give me a quick overview of {s}?", "Where can I see {s} in everyday life?",
+    "What would happen if {s} did not exist?",
+)
+_LIMITS = (
+    "", " Answer briefly.", " Keep it under 100 words.", " Use two sentences.", " Answer in three sentences.",
+    " Use simple words.", " Be concise.", " Use an analogy.", " Answer in one paragraph.",
+)
+_INSTRUCTIONS = (
+    "Describe {s} in two sentences.", "Explain {s} in three sentences.", "Write a limerick about {s}.",
+    "Write a four-line poem about {s}.", "Write a tweet about {s}.", "Write an opening line for a novel about {s}.",
+    "Summarize what you know about {s} as a list of key points.", "Give a one-sentence definition of {s}.",
+    "Write a short dialogue between two friends discussing {s}.", "Write a quiz question about {s}, with the answer.",
+    "Describe {s} as if you were a tour guide.", "Write a product description for a board game about {s}.",
+    "Explain {s} using a cooking analogy.", "Write a motivational quote inspired by {s}.",
+    "Draft a short blog post introduction about {s}.", "Write a riddle whose answer is {s}.",
+)
+_PAIRS = (
+    ("cats", "dogs"), ("tea", "coffee"), ("trains", "planes"), ("books", "films"), ("solar power", "wind power"),
+    ("running", "swimming"), ("renting", "buying a home"), ("Python", "JavaScript"), ("email", "instant messaging"),
+    ("weather", "climate"), ("a virus", "a bacterium"), ("stocks", "bonds"), ("mountains", "beaches"),
+    ("paper books", "e-readers"), ("cities", "the countryside"), ("RAM", "disk storage"), ("a lake", "a pond"),
+    ("baking", "frying"), ("introverts", "extroverts"), ("a comet", "an asteroid"),
+)
+_COMPARISONS = (
+    "What is the difference between {a} and {b}?", "Compare {a} and {b}.", "{a} or {b}: which is better and why?",
+    "How are {a} and {b} alike, and how do they differ?", "Give two differences between {a} and {b}.",
+)
+_ACTIVITIES = (
+    "sleeping better", "staying focused", "learning to cook", "saving for a holiday", "making new friends",
+    "starting to run", "keeping a journal", "reading more books", "giving feedback", "preparing for an interview",
+    "decluttering a room", "learning to draw", "taking better photos", "planning a trip", "staying hydrated",
+    "studying for exams", "speaking up in meetings", "keeping plants alive", "waking up early", "writing a resume",
+)
+_ADVICE = (
+    "Give me three tips for {a}.", "What are some good habits for {a}?", "I'm struggling with {a}. Any advice?",
+    "What is the best way to get started with {a}?", "Suggest a simple plan for {a}.",
+    "What mistakes do beginners make when {a}?", "List four ideas for {a}, with a sentence each.",
+)
+_THINGS_TO_NAME = (
+    "a coffee shop", "a pet turtle", "a hiking club", "a bakery", "a podcast about science", "a sailing boat",
+    "a chess app", "a garden", "a travel blog", "a rock band", "a cat", "a bookstore",
+)
+_NAMING = (
+    "Suggest a name for {t} and explain your choice.", "Give me five name ideas for {t}.",
+    "What would be a catchy name for {t}?",
+)
+_SCENES = (
+    "a busy market in the morning", "a thunderstorm at night", "a quiet library", "a snowy forest",
+    "a train station at rush hour", "autumn leaves in a park", "a desert at noon", "a city skyline at dusk",
+    "a mountain lake", "a kitchen on a holiday",
+)
+_DESCRIBE = ("Describe {t} in two sentences.", "Write a short paragraph describing {t}.",
+             "Describe {t} using all five senses.", "Write a haiku about {t}.")
+_SYSTEMS = (
+    "You are a helpful assistant.", "You are a concise assistant. Answer in as few words as possible.",
+    "You are a friendly teacher who explains things simply.", "You are an expert who answers precisely.",
+)
+_FOLLOW_UPS = (
+    ("I'd like to learn about {s}.", "Sure! What would you like to know about {s}?", "Start with the basics, please."),
+    ("Can you explain {s}?", "Of course. Do you want a short or a detailed explanation?", "A short one, please."),
+    ("What is {s}?", "Happy to help. Are you asking for school, work or curiosity?", "Just curiosity. Keep it simple."),
+    ("Tell me about {s}.", "Sure. Any particular aspect?", "Why does it matter to ordinary people?"),
+    ("I have a question about {s}.", "Go ahead, ask away!", "What is one common misunderstanding about it?"),
+)
+
+
+def _varied_chat_prompts(seed: int = 7) -> list[list[dict[str, str]]]:
+    """Chat requests (message lists) in many phrasings: a seeded sample, so the set stays a
+    fixed, reproducible size rather than every combination."""
+    rng = random.Random(seed)
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    out: list[list[dict[str, str]]] = []
+    for subject in _SUBJECTS:
+        for template in rng.sample(_QUESTIONS, 6):
+            text = template.format(s=subject)
+            out.append(user(text[0].upper() + text[1:] + rng.choice(_LIMITS)))
+        for template in rng.sample(_INSTRUCTIONS, 4):
+            out.append(user(template.format(s=subject)))
+        system = rng.choice(_SYSTEMS)
+        out.append([{"role": "system", "content": system}] + user(rng.choice(_QUESTIONS).format(s=subject)))
+        first, reply, second = rng.choice(_FOLLOW_UPS)
+        out.append([{"role": "user", "content": first.format(s=subject)},
+                    {"role": "assistant", "content": reply.format(s=subject)},
+                    {"role": "user", "content": second}])
+    for a, b in _PAIRS:
+        out += [user(t.format(a=a, b=b)) for t in rng.sample(_COMPARISONS, 3)]
+    for activity in _ACTIVITIES:
+        out += [user(t.format(a=activity)) for t in rng.sample(_ADVICE, 4)]
+    for thing in _THINGS_TO_NAME:
+        out += [user(t.format(t=thing)) for t in _NAMING]
+    for scene in _SCENES:
+        out += [user(t.format(t=scene)) for t in _DESCRIBE]
+    return out
+
+
+def _bench_texts() -> set[str]:
+    from specmesh.workloads import WORKLOADS
+
+    return {text.strip() for texts in WORKLOADS.values() for text in texts}
+
+
 def builtin_prompts(sets: Sequence[str] = PROMPT_SETS) -> list[dict[str, Any]]:
     """Chat requests {"messages": [...], "set": name} of the named built-in sets, in a fixed order."""
     unknown = [s for s in sets if s not in PROMPT_SETS]
     if unknown:
         raise ValueError(f"unknown prompt sets {unknown}; choose from {', '.join(PROMPT_SETS)}")
-    texts: list[tuple[str, str]] = []
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    requests: list[tuple[str, list[dict[str, str]]]] = []
     if "chat" in sets:
-        texts += [("chat", t.format(topic=x)) for x in _CHAT_TOPICS for t in _CHAT_TEMPLATES]
+        requests += [("chat", user(t.format(topic=x))) for x in _CHAT_TOPICS for t in _CHAT_TEMPLATES]
+        requests += [("chat", messages) for messages in _varied_chat_prompts()]
     if "code" in sets:
-        texts += [("code", t.format(task=x)) for x in _CODE_TASKS for t in _CODE_TEMPLATES]
+        requests += [("code", user(t.format(task=x))) for x in _CODE_TASKS for t in _CODE_TEMPLATES]
     if "structured" in sets:
-        texts += [("structured", t.format(thing=x)) for x in _STRUCTURED_THINGS for t in _STRUCTURED_TEMPLATES]
-    return [{"messages": [{"role": "user", "content": text}], "set": name} for name, text in texts]
+        requests += [("structured", user(t.format(thing=x))) for x in _STRUCTURED_THINGS
+                     for t in _STRUCTURED_TEMPLATES]
+    # The benchmark's prompts stay unseen, whatever the templates happen to produce.
+    bench = _bench_texts()
+    return [{"messages": messages, "set": name} for name, messages in requests
+            if not any(m["content"].strip() in bench for m in messages)]
 
 
 def load_prompt_file(path: str | Path) -> list[dict[str, Any]]:

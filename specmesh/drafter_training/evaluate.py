@@ -6,6 +6,9 @@
   text: the drafter drafts γ = 8 tokens on its own, the verifier checks them in one forward;
   P(the first j drafts are all accepted) for j = 1..8, and the expected tokens per round for
   each draft length γ (1 + Σ_{j≤γ} P(accepted ≥ j));
+- greedy-text agreement: the same top-1 agreement on the verifier's *greedy* continuations (what
+  greedy serving drafts on) of held-out chat prompts and of the `specmesh bench` chat prompts,
+  which are worded unlike any training prompt (the test of phrasing the drafter has not seen);
 - calibration: expected calibration error (10 equal-width bins) of the confidence head against
   the soft survival label 1 − ½‖q − p‖₁, next to that of the default confidence (the draft
   probability of the top token); and how well the head predicts greedy acceptance (Pearson r).
@@ -23,7 +26,7 @@ import torch
 from specmesh.drafter_training.batches import logits_at, make_batch, plan_batches
 from specmesh.drafter_training.data import Sample
 from specmesh.drafter_training.losses import distillation_terms, survival_label
-from specmesh.drafter_training.model import ConfidenceHead, text_config
+from specmesh.drafter_training.model import ConfidenceHead, draft_token_ids, text_config
 
 MAX_GAMMA = 8
 NUM_BINS = 10
@@ -67,13 +70,14 @@ def teacher_forced_metrics(drafter: Any, verifier: Any, samples: Sequence[Sample
                            head: ConfidenceHead | None = None, batch_tokens: int = 8192) -> dict[str, Any]:
     """Agreement, soft survival and calibration over every completion position of `samples`."""
     device = next(drafter.parameters()).device
+    draft_ids = draft_token_ids(drafter)
     agree, tv, head_conf, top_prob, sets = [], [], [], [], []
     for indices in plan_batches(samples, batch_tokens, seed=0):
         batch = make_batch([samples[i] for i in indices], pad_token_id, device)
         with _autocast(device):
             student = logits_at(drafter, batch).float()
             teacher = logits_at(verifier, batch).float()
-        terms = distillation_terms(student, teacher)
+        terms = distillation_terms(student, teacher, draft_ids)
         agree.append(terms.agree.cpu())
         tv.append(terms.tv.cpu())
         top_prob.append(student.softmax(dim=-1).max(dim=-1).values.cpu())
@@ -105,6 +109,26 @@ def teacher_forced_metrics(drafter: Any, verifier: Any, samples: Sequence[Sample
     return metrics
 
 
+def greedy_text_agreement(drafter: Any, verifier: Any, prompt_sets: dict[str, list[list[int]]], *,
+                          max_new_tokens: int, eos_token_ids: Sequence[int], pad_token_id: int,
+                          batch_size: int = 32) -> dict[str, dict[str, Any]]:
+    """Per named list of encoded prompts: the verifier's greedy continuations, and the drafter's
+    teacher-forced top-1 agreement on them."""
+    from specmesh.drafter_training.data import sample_generations
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, prompts in prompt_sets.items():
+        if not prompts:
+            continue
+        samples = sample_generations(verifier, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                                     batch_size=batch_size, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                                     seed=0)
+        metrics = teacher_forced_metrics(drafter, verifier, samples, pad_token_id)
+        out[name] = {"prompts": len(prompts), "positions": metrics.get("num_positions", 0),
+                     "top1_agreement": metrics.get("top1_agreement")}
+    return out
+
+
 def _last_hidden_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                         count: int) -> torch.Tensor:
     """Logits [B, count, V] at the last `count` positions of a left-padded batch."""
@@ -133,6 +157,7 @@ def greedy_acceptance(drafter: Any, verifier: Any, samples: Sequence[Sample], pa
         starts += [(i, t) for t in picks]
     rng.shuffle(starts)
     starts = starts[:max_rounds]
+    draft_ids = draft_token_ids(drafter)
     accepted: list[int] = []
     for begin in range(0, len(starts), batch_size):
         chunk = starts[begin:begin + batch_size]
@@ -148,6 +173,8 @@ def greedy_acceptance(drafter: Any, verifier: Any, samples: Sequence[Sample], pa
         with _autocast(device):
             for _ in range(gamma):
                 token = _last_hidden_logits(drafter, ids, mask, positions, 1)[:, -1].argmax(dim=-1, keepdim=True)
+                if draft_ids is not None:
+                    token = draft_ids[token]  # a row of the draft vocabulary -> its token id
                 ids = torch.cat([ids, token], dim=1)
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
                 positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)

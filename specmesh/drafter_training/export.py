@@ -7,6 +7,9 @@ Layout (a standard HF directory plus two specmesh files):
                                            embedding and LM head when they are the verifier's
     tokenizer.json, tokenizer_config.json, chat_template.jinja
     confidence_head.safetensors + .json    the confidence head (optional)
+    draft_vocab.safetensors                int32 `token_ids` [K]: the draft vocabulary, when the
+                                           drafter drafts from K tokens only (optional); its
+                                           LM head rows are gathered from the full head at load
     specmesh_drafter.json                  format, verifier name and tokenizer fingerprint,
                                            which verifier tensors to rebuild, training summary
     eval.json, eval.png                    the held-out evaluation (optional)
@@ -29,7 +32,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from specmesh.drafter_training.model import ConfidenceHead, SharedTensors, attach_shared
+from specmesh.drafter_training.model import (
+    ConfidenceHead,
+    DraftVocabHead,
+    SharedTensors,
+    attach_shared,
+    draft_token_ids,
+    restrict_vocabulary,
+)
 from specmesh.errors import ModelReferenceError
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,8 @@ HEAD_WEIGHTS = "confidence_head.safetensors"
 HEAD_CONFIG = "confidence_head.json"
 EMBEDDING_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
+DRAFT_VOCAB = "draft_vocab.safetensors"
+DRAFT_VOCAB_KEY = "token_ids"
 
 
 def export_drafter(directory: Path | str, model: Any, tokenizer: Any, *, shared: SharedTensors | None,
@@ -55,8 +67,17 @@ def export_drafter(directory: Path | str, model: Any, tokenizer: Any, *, shared:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     skip = {EMBEDDING_KEY, LM_HEAD_KEY} if shared is not None else set()
-    if getattr(config, "tie_word_embeddings", False):
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
         skip.add(LM_HEAD_KEY)  # rebuilt by tying on load
+    draft_ids = draft_token_ids(model)
+    if draft_ids is not None:
+        # The draft vocabulary's head rows are gathered at load from the full head (the verifier's
+        # or the tied embedding); only a head that cannot be rebuilt ships, as its K rows.
+        save_file({DRAFT_VOCAB_KEY: draft_ids.detach().to("cpu", torch.int32).contiguous()},
+                  str(directory / DRAFT_VOCAB), metadata={"format": "pt"})
+    elif (directory / DRAFT_VOCAB).exists():
+        (directory / DRAFT_VOCAB).unlink()  # a stale one from an earlier export would restrict this drafter
     state = {name: tensor.detach().to("cpu", dtype).contiguous()
              for name, tensor in model.state_dict().items() if name not in skip}
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
@@ -75,6 +96,8 @@ def export_drafter(directory: Path | str, model: Any, tokenizer: Any, *, shared:
         "verifier_tokenizer_sha256": verifier_fingerprint,
         "shared_verifier_tensors": ({"embedding": shared.embedding, "lm_head": shared.lm_head}
                                     if shared is not None else None),
+        "draft_vocabulary": ({"file": DRAFT_VOCAB, "size": int(draft_ids.numel())} if draft_ids is not None
+                             else None),
         "weights_dtype": str(dtype).replace("torch.", ""),
         "own_parameters": sum(t.numel() for t in state.values()),
         "summary": summary or {},
@@ -176,9 +199,22 @@ def load_trained_drafter(directory: Path | str, *, verifier_model: Any = None, v
     except Exception as error:  # any unreadable piece: one error naming the directory
         raise ModelReferenceError(f"cannot load trained drafter {str(directory)!r}: {type(error).__name__}: {error}"
                                   ) from error
+    vocabulary = marker.get("draft_vocabulary")
+    draft_ids: torch.Tensor | None = None
+    own_reduced_head: torch.Tensor | None = None
+    if vocabulary:
+        try:
+            draft_ids = load_file(str(directory / vocabulary.get("file", DRAFT_VOCAB)))[DRAFT_VOCAB_KEY].long()
+        except Exception as error:
+            raise ModelReferenceError(f"trained drafter {str(directory)!r}: unreadable draft vocabulary: {error}"
+                                      ) from error
+        if LM_HEAD_KEY in own and own[LM_HEAD_KEY].shape[0] == draft_ids.numel():
+            own_reduced_head = own.pop(LM_HEAD_KEY)  # a head that could not be rebuilt shipped its K rows
     result = model.load_state_dict({k: v.to(dtype) for k, v in own.items()}, strict=False)
     shared_names = marker.get("shared_verifier_tensors")
     allowed_missing = {EMBEDDING_KEY, LM_HEAD_KEY} if shared_names else {LM_HEAD_KEY}
+    if own_reduced_head is not None:
+        allowed_missing = allowed_missing | {LM_HEAD_KEY}
     missing = [k for k in result.missing_keys if k not in allowed_missing]
     if missing or result.unexpected_keys:
         raise ModelReferenceError(f"trained drafter {str(directory)!r} has missing {missing[:3]} or unexpected "
@@ -208,6 +244,14 @@ def load_trained_drafter(directory: Path | str, *, verifier_model: Any = None, v
         attach_shared(model, embedding, head)
     elif getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if draft_ids is not None:
+        try:
+            if own_reduced_head is not None:
+                model.set_output_embeddings(DraftVocabHead(own_reduced_head.to(dtype), draft_ids))
+            else:
+                restrict_vocabulary(model, draft_ids)
+        except ValueError as error:
+            raise ModelReferenceError(f"trained drafter {str(directory)!r}: {error}") from error
     model.to(device)
     model.eval()
     model.requires_grad_(False)

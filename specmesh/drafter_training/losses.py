@@ -22,14 +22,31 @@ class DistillationTerms:
     agree: torch.Tensor  # [N] bool: argmax q == argmax p
 
 
-def distillation_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> DistillationTerms:
-    """student_logits, teacher_logits: [N, V] (any float dtype; computed in float32)."""
+def distillation_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       draft_ids: torch.Tensor | None = None) -> DistillationTerms:
+    """student_logits [N, V] (or [N, K] over the draft vocabulary `draft_ids` [K]),
+    teacher_logits [N, V] (any float dtype; computed in float32).
+
+    With a draft vocabulary q has no mass outside it, so KL(p ‖ q) would be infinite: the KL
+    term is taken against p restricted to the draft vocabulary and renormalised (what q can
+    learn), while TV stays the true ½‖p − q‖₁ over the whole vocabulary (p's mass outside
+    counts in full: it is what verification rejects), and agreement compares token ids.
+    """
     log_q = torch.log_softmax(student_logits.float(), dim=-1)
     log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
     p = log_p.exp()
-    kl = (p * (log_p - log_q)).sum(dim=-1)
-    tv = 0.5 * (p - log_q.exp()).abs().sum(dim=-1)
-    agree = student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)
+    teacher_top = teacher_logits.argmax(dim=-1)
+    if draft_ids is None:
+        kl = (p * (log_p - log_q)).sum(dim=-1)
+        tv = 0.5 * (p - log_q.exp()).abs().sum(dim=-1)
+        return DistillationTerms(kl, tv, student_logits.argmax(dim=-1) == teacher_top)
+    log_p_in = log_p[:, draft_ids]  # [N, K]
+    log_mass = torch.logsumexp(log_p_in, dim=-1, keepdim=True)  # log p(draft vocabulary)
+    p_in = log_p_in.exp()
+    kl = (p_in / log_mass.exp() * (log_p_in - log_mass - log_q)).sum(dim=-1)
+    outside = (1.0 - p_in.sum(dim=-1)).clamp_min(0.0)
+    tv = 0.5 * ((p_in - log_q.exp()).abs().sum(dim=-1) + outside)
+    agree = draft_ids[student_logits.argmax(dim=-1)] == teacher_top
     return DistillationTerms(kl, tv, agree)
 
 

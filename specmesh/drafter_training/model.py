@@ -8,6 +8,13 @@ small model's parameters, they are already trained, and keeping them fixed means
 only has to learn a few decoder layers. Its layers start as copies of the verifier's first
 layers (an early-exit drafter) when the shapes match, else from random initialisation.
 
+A drafter may draft from a reduced output vocabulary (FR-Spec, EAGLE-3's draft vocabulary):
+its LM head holds only the rows of the K tokens the verifier generates most often
+(`DraftVocabHead`, rows gathered from the verifier's LM head, so nothing big ships). On CPU the
+full LM head is most of a small drafter's step (49k x 576 float32 rows are 113 MB read per
+token; 8k rows fit in the last-level cache). The draft distribution q then has no mass outside
+those K tokens, which verification's rejection rule handles like any other q: still lossless.
+
 The confidence head predicts, from the drafter's logits alone, the probability that a draft
 token survives verification (trained on the soft label 1 - ½‖q - p‖₁, DSpark eq. 8). Working on
 logits rather than hidden states keeps the drafter's runtime unchanged: the runner already
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -173,6 +180,61 @@ def build_drafter_model(verifier: nn.Module, num_layers: int, hidden_size: int |
         attach_shared(drafter, embedding, lm_head)
     drafter.train()
     return drafter, shared, init_layers
+
+
+# --------------------------------------------------------------------------- draft vocabulary
+
+
+class DraftVocabHead(nn.Linear):
+    """An LM head over a subset of the vocabulary: row i scores token `token_ids[i]`.
+
+    Whoever samples from its logits maps a drafted index i back to the token id token_ids[i]
+    (ModelDrafter does; see `draft_token_ids`). The rows are frozen copies of the full head's.
+    """
+
+    def __init__(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
+        super().__init__(rows.shape[1], rows.shape[0], bias=False, device=rows.device, dtype=rows.dtype)
+        self.weight = nn.Parameter(rows.detach().clone(), requires_grad=False)
+        self.register_buffer("token_ids", token_ids.to(device=rows.device, dtype=torch.long), persistent=False)
+
+
+def restrict_vocabulary(drafter: nn.Module, token_ids: torch.Tensor | list[int]) -> DraftVocabHead:
+    """Replace the drafter's LM head by the rows of `token_ids` (distinct ids of its vocabulary)
+    of its current head; returns the new head."""
+    full = drafter.get_output_embeddings()
+    if isinstance(full, DraftVocabHead):
+        raise ValueError("the drafter's vocabulary is already restricted")
+    if getattr(full, "bias", None) is not None:
+        raise ValueError("a draft vocabulary needs an LM head without bias")
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    rows = full.weight.shape[0]
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= rows or ids.unique().numel() != ids.numel():
+        raise ValueError(f"draft vocabulary must hold distinct token ids in [0, {rows})")
+    head = DraftVocabHead(full.weight.detach()[ids.to(full.weight.device)], ids)
+    drafter.set_output_embeddings(head)
+    return head
+
+
+def draft_token_ids(model: nn.Module) -> torch.Tensor | None:
+    """Token id of each logit row of `model`'s LM head, or None when it covers the whole vocabulary."""
+    head = model.get_output_embeddings()
+    return head.token_ids if isinstance(head, DraftVocabHead) else None
+
+
+def frequency_ranked_vocabulary(token_lists: Sequence[Sequence[int]], vocab_rows: int, size: int,
+                                always: Sequence[int] = ()) -> list[int]:
+    """The `size` most frequent ids of `token_lists` (most frequent first; ties by id), with the
+    ids of `always` (end-of-sequence: a drafter must be able to draft the end) included. When
+    fewer ids occur, the rest are the lowest unseen ids, so the size is always `size`."""
+    size = min(size, vocab_rows)
+    flat = [t for tokens in token_lists for t in tokens if 0 <= t < vocab_rows]
+    counts = torch.bincount(torch.tensor(flat, dtype=torch.long), minlength=vocab_rows)
+    for token in always:
+        if 0 <= token < vocab_rows:
+            counts[token] = counts.max() + 1  # first in rank, whatever the data says
+    # A stable sort on -count keeps ties in id order.
+    order = torch.sort(-counts, stable=True).indices
+    return [int(i) for i in order[:size]]
 
 
 # --------------------------------------------------------------------------- confidence head

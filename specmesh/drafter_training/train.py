@@ -30,9 +30,16 @@ from specmesh.drafter_training.data import (
     sample_generations,
     split_held_out,
 )
-from specmesh.drafter_training.evaluate import greedy_acceptance, teacher_forced_metrics
+from specmesh.drafter_training.evaluate import greedy_acceptance, greedy_text_agreement, teacher_forced_metrics
 from specmesh.drafter_training.losses import confidence_loss, distillation_loss, distillation_terms
-from specmesh.drafter_training.model import ConfidenceHead, SharedTensors, build_drafter_model
+from specmesh.drafter_training.model import (
+    ConfidenceHead,
+    SharedTensors,
+    build_drafter_model,
+    draft_token_ids,
+    frequency_ranked_vocabulary,
+    restrict_vocabulary,
+)
 from specmesh.model_loading import eos_token_ids
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,13 @@ class TrainOptions:
     tv_weight: float = 1.0
     max_steps: int | None = None  # stop training after this many steps (tests)
     acceptance_rounds: int | None = None  # None: 512 on CUDA, 64 on CPU
+    greedy_eval_prompts: int = 32  # held-out prompts whose greedy continuations are evaluated
+    greedy_eval_tokens: int = 128  # length of those continuations (and of the bench prompts')
     seed: int = 0
+    # Output vocabulary of the drafter: the K tokens the verifier generates most often (in the
+    # training data). None: DEFAULT_DRAFT_VOCAB for vocabularies of at least
+    # MIN_VOCAB_TO_RESTRICT tokens, else the whole vocabulary; 0: the whole vocabulary.
+    draft_vocab: int | None = None
 
     def validate(self) -> "TrainOptions":
         problems = []
@@ -75,11 +88,33 @@ class TrainOptions:
             problems.append(f"--minutes must be positive, got {self.minutes}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             problems.append(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.draft_vocab is not None and self.draft_vocab < 0:
+            problems.append(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
         if not 0 < self.data_share < 1:
             problems.append(f"data_share must be in (0, 1), got {self.data_share}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+# 8192 rows of a small drafter's LM head fit in a CPU's last-level cache (576 x 8192 float32 is
+# 19 MB; the full 49k-row head of SmolLM2 is 113 MB, 6.5 ms of a 9.4 ms drafter step, against
+# 0.3 ms for 8192 rows on a 2-core EPYC), and on the verifier's own text they cover nearly
+# every token (see eval.json: draft_vocabulary.coverage).
+DEFAULT_DRAFT_VOCAB = 8192
+MIN_VOCAB_TO_RESTRICT = 32768
+
+
+def draft_vocab_size(options: TrainOptions, vocab_rows: int) -> int:
+    """How many tokens the drafter drafts from; 0: the whole vocabulary."""
+    if options.draft_vocab is None:
+        return DEFAULT_DRAFT_VOCAB if vocab_rows >= MIN_VOCAB_TO_RESTRICT else 0
+    return 0 if options.draft_vocab >= vocab_rows else options.draft_vocab
+
+
+def _coverage(samples: list[Sample], ids: set[int]) -> float:
+    tokens = [t for s in samples for t in s.tokens[s.prompt_length:]]
+    return round(sum(t in ids for t in tokens) / max(len(tokens), 1), 4)
 
 
 @dataclass
@@ -101,11 +136,28 @@ def _pad_id(tokenizer: Any, eos_ids: list[int]) -> int:
     return int(pad)
 
 
+def _split_requests(options: TrainOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(all requests, training requests, held-out requests): a seeded split, the same every call."""
+    requests = load_prompt_file(options.prompts_file) if options.prompts_file else builtin_prompts()
+    train_requests, held_requests = split_held_out(requests, options.held_out_fraction, options.seed)
+    return requests, train_requests, held_requests
+
+
+def greedy_eval_prompts(tokenizer: Any, options: TrainOptions) -> dict[str, list[list[int]]]:
+    """Encoded prompts for the greedy-text evaluation: held-out chat prompts (held-out prompts of
+    the user's file when there is one) and the `specmesh bench` chat prompts, never trained on."""
+    from specmesh.workloads import load_workload
+
+    _, _, held = _split_requests(options)
+    chat = [r for r in held if r["set"] in ("chat", "file")][:options.greedy_eval_prompts]
+    encode = lambda r: encode_request(tokenizer, r, options.max_prompt_tokens)  # noqa: E731
+    return {"held_out_chat": [encode(r) for r in chat], "bench_chat": [encode(r) for r in load_workload("chat")]}
+
+
 def gather_data(verifier: Any, tokenizer: Any, options: TrainOptions, deadline: float,
                 progress: Progress | None = None) -> tuple[list[Sample], list[Sample], dict[str, Any]]:
     """(train samples, held-out samples, data statistics)."""
-    requests = load_prompt_file(options.prompts_file) if options.prompts_file else builtin_prompts()
-    train_requests, held_requests = split_held_out(requests, options.held_out_fraction, options.seed)
+    requests, train_requests, held_requests = _split_requests(options)
     held_requests = held_requests[:options.max_held_out_samples]
     encode = lambda r: encode_request(tokenizer, r, options.max_prompt_tokens)  # noqa: E731
     eos = eos_token_ids(verifier, tokenizer)
@@ -169,6 +221,7 @@ def train_loop(drafter: Any, head: ConfidenceHead, verifier: Any, samples: list[
     step = epoch = positions = 0
     curve: list[dict[str, float]] = []
     window: list[tuple[float, float, float]] = []
+    draft_ids = draft_token_ids(drafter)
     drafter.train()
     head.train()
     while True:
@@ -185,7 +238,7 @@ def train_loop(drafter: Any, head: ConfidenceHead, verifier: Any, samples: list[
                 with torch.no_grad():
                     teacher = logits_at(verifier, batch)
                 student = logits_at(drafter, batch)
-            terms = distillation_terms(student, teacher)
+            terms = distillation_terms(student, teacher, draft_ids)
             loss = distillation_loss(terms, options.tv_weight)
             head_loss = confidence_loss(head(student.detach().float()), terms.tv)
             optimizer.zero_grad(set_to_none=True)
@@ -230,6 +283,16 @@ def train_drafter(verifier: Any, tokenizer: Any, options: TrainOptions,
     train, held = trim(train, max_len), trim(held, max_len)
     drafter, shared, init_layers = build_drafter_model(verifier, options.num_layers, options.hidden_size,
                                                        seed=options.seed)
+    vocab_rows = int(drafter.get_input_embeddings().num_embeddings)
+    vocab_size = draft_vocab_size(options, vocab_rows)
+    full_head = drafter.get_output_embeddings()
+    vocabulary: dict[str, Any] = {"size": vocab_size or vocab_rows, "restricted": bool(vocab_size)}
+    if vocab_size:
+        ids = frequency_ranked_vocabulary([s.tokens[s.prompt_length:] for s in train], vocab_rows, vocab_size,
+                                          always=eos)
+        restrict_vocabulary(drafter, ids)
+        chosen = set(ids)
+        vocabulary.update({"train_coverage": _coverage(train, chosen), "held_out_coverage": _coverage(held, chosen)})
     head = ConfidenceHead().to(next(drafter.parameters()).device)
     drafter.eval()
     before = teacher_forced_metrics(drafter, verifier, held, pad) if held else {}
@@ -239,10 +302,20 @@ def train_drafter(verifier: Any, tokenizer: Any, options: TrainOptions,
         progress("evaluation", 0, 2)
     rounds = options.acceptance_rounds or (512 if _cuda(options) else 64)
     after = teacher_forced_metrics(drafter, verifier, held, pad, head=head) if held else {}
+    if vocab_size and held:
+        # The cost of the restriction: the same trained layers scored with the full LM head.
+        reduced_head = drafter.get_output_embeddings()
+        drafter.set_output_embeddings(full_head)
+        full = teacher_forced_metrics(drafter, verifier, held, pad)
+        drafter.set_output_embeddings(reduced_head)
+        vocabulary["top1_agreement_full_vocabulary_head"] = full.get("top1_agreement")
     if progress is not None:
         progress("evaluation", 1, 2)
     acceptance = greedy_acceptance(drafter, verifier, held, pad, max_rounds=rounds,
                                    batch_size=64 if _cuda(options) else 16) if held else {}
+    greedy_text = greedy_text_agreement(drafter, verifier, greedy_eval_prompts(tokenizer, options),
+                                        max_new_tokens=options.greedy_eval_tokens, eos_token_ids=eos,
+                                        pad_token_id=pad, batch_size=64 if _cuda(options) else 8)
     if progress is not None:
         progress("evaluation", 2, 2)
     trainable = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
@@ -254,8 +327,11 @@ def train_drafter(verifier: Any, tokenizer: Any, options: TrainOptions,
                     "trainable_parameters": trainable},
         "data": data_stats,
         "training": training,
+        "draft_vocabulary": vocabulary,
         "evaluation": {"untrained_top1_agreement": before.get("top1_agreement"),
-                       "teacher_forced": after, "acceptance": acceptance},
+                       "teacher_forced": after, "acceptance": acceptance,
+                       # top-1 agreement on the verifier's greedy continuations (teacher_forced is on sampled text)
+                       "greedy_text": greedy_text},
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     for p in drafter.parameters():
