@@ -16,6 +16,10 @@ class SchedulerConfig:
     max_draft_tokens: int = 8  # the adaptive policy's longest draft
     redis_url: str | None = None  # shared calibration and cost profiles; None = this process only
     max_batch_sessions: int = 64  # sessions per verify batch (per verifier replica)
+    # Rounds in flight at once per verifier replica (scheduler/speculation_loop.py): with enough
+    # sessions, one lane's drafting and bookkeeping overlap another's verification.
+    pipeline_lanes: int = 1
+    lane_min_sessions: int = 8  # split into lanes only when each would get this many sessions
     max_tokens_limit: int = 4096
     verify_timeout_s: float = 120.0  # a verifier slower than this is treated as lost
     draft_timeout_s: float = 30.0  # drafts later than this are skipped for the round
@@ -37,6 +41,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.policy not in ("adaptive", "fixed"):
             raise ValueError(f"policy must be 'adaptive' or 'fixed', got {self.policy!r}")
+        if self.pipeline_lanes < 1 or self.lane_min_sessions < 1:
+            raise ValueError("pipeline_lanes and lane_min_sessions must be >= 1")
         if self.discovery not in ("static", "dns", "kubernetes"):
             raise ValueError(f"discovery must be 'static', 'dns' or 'kubernetes', got {self.discovery!r}")
         if self.discovery != "static" and not self.verifier_service:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class Coordinator:
     def __init__(self, verifiers: ReplicaPool, drafters: DrafterRouter | None,
                  policy: DraftLengthPolicy | Callable[[str, str], DraftLengthPolicy],
-                 max_batch_sessions: int = 64, max_tokens_limit: int = 4096, cost_registry=None) -> None:
+                 max_batch_sessions: int = 64, max_tokens_limit: int = 4096, cost_registry=None,
+                 lanes: int = 1, lane_min_sessions: int = 8) -> None:
         """policy: a policy, or a factory called with (verifier model, drafter model) once they
         are known. cost_registry: where verifier cost profiles are published (CostProfileRegistry)."""
         self.verifiers = verifiers
@@ -37,6 +38,8 @@ class Coordinator:
         self.verifier_model = ""
         self.drafter_model = ""
         self.max_batch_sessions = max_batch_sessions
+        self.lanes = lanes
+        self.lane_min_sessions = lane_min_sessions
         self.max_tokens_limit = max_tokens_limit
         self.prompt_lengths: dict[str, int] = {}  # shared with remote clients
         self.context_limit: int | None = None
@@ -132,7 +135,7 @@ class Coordinator:
             self._loops[endpoint] = SpeculationLoop(
                 self.verifiers.client(endpoint), self.drafters, policy,
                 context_limit=self.context_limit or 1 << 30, max_batch_sessions=self.max_batch_sessions,
-                on_verifier_lost=self._verifier_lost,
+                on_verifier_lost=self._verifier_lost, lanes=self.lanes, lane_min_sessions=self.lane_min_sessions,
             )
         return self._loops[endpoint]
 

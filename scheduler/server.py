@@ -58,7 +58,8 @@ def build_coordinator(config: SchedulerConfig, sources: tuple | None = None) -> 
             return AdaptiveBudgetPolicy(store, registry, model_pair_id(verifier_model, drafter_model),
                                         config.max_draft_tokens)
     coordinator = Coordinator(verifiers, drafters, policy, max_batch_sessions=config.max_batch_sessions,
-                              max_tokens_limit=config.max_tokens_limit, cost_registry=registry)
+                              max_tokens_limit=config.max_tokens_limit, cost_registry=registry,
+                              lanes=config.pipeline_lanes, lane_min_sessions=config.lane_min_sessions)
     coordinator.prompt_lengths = prompt_lengths
     return coordinator
 

@@ -1,6 +1,12 @@
 """The speculation loop: every round, draft for all active sessions, verify them in one batch,
 commit, and stream what was committed. Sessions join and leave between rounds (continuous
 batching). Backends may be local or remote; the loop only sees records.
+
+Lanes (pipelining): with `lanes` > 1 and enough sessions, the sessions are split between
+lanes that run their rounds concurrently, so one lane's drafting, RPCs and bookkeeping overlap
+another lane's verification. A session is in at most one round at a time, whichever lane runs
+it, so its tokens are exactly those of a single lane. The price is smaller verify batches; the
+verifier merges calls that arrive together, so lanes cost little when it is the bottleneck.
 """
 
 from __future__ import annotations
@@ -63,7 +69,15 @@ class SpeculationLoop:
         context_limit: int,
         max_batch_sessions: int = 64,
         on_verifier_lost: VerifierLostCallback | None = None,
+        lanes: int = 1,
+        lane_min_sessions: int = 8,
     ) -> None:
+        """lanes: rounds in flight at once; a lane takes its share of the sessions only when
+        every lane would get at least lane_min_sessions (fewer sessions run as one batch)."""
+        if lanes < 1 or lane_min_sessions < 1:
+            raise ValueError(f"lanes and lane_min_sessions must be >= 1, got {lanes} and {lane_min_sessions}")
+        self.lanes = lanes
+        self.lane_min_sessions = lane_min_sessions
         self.on_verifier_lost = on_verifier_lost
         self.verifier = verifier
         self.drafter = drafter
@@ -72,8 +86,8 @@ class SpeculationLoop:
         self.max_batch_sessions = max_batch_sessions
         self._entries: dict[str, SessionEntry] = {}
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._to_release: list[str] = []
+        self._tasks: list[asyncio.Task] = []
+        self._in_flight: set[str] = set()  # sessions in some lane's round
         self.num_rounds = 0
         self._queue_depth = GaugeShare(SCHEDULER_QUEUE_DEPTH)
 
@@ -106,59 +120,78 @@ class SpeculationLoop:
     def wake(self) -> None:
         self._wakeup.set()
 
-    def detach_all(self) -> list[SessionEntry]:
-        """Remove and return every live session (this loop's verifier is gone)."""
-        entries = [e for e in self._entries.values() if not e.session.finished]
-        self._entries.clear()
+    def detach_idle(self) -> list[SessionEntry]:
+        """Remove and return every live session not in a round now (this loop's verifier is
+        gone; sessions in another lane's round are detached when that round fails too)."""
+        entries = [e for sid, e in self._entries.items() if not e.session.finished and sid not in self._in_flight]
+        for entry in entries:
+            del self._entries[entry.session.session_id]
         return entries
 
     async def close(self) -> None:
         self._queue_depth.clear()
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing
                 pass
+        self._tasks = []
 
     def _ensure_running(self) -> None:
-        if self._task is None or self._task.done():
+        self._tasks = [task for task in self._tasks if not task.done()]
+        while len(self._tasks) < self.lanes:
             # A fresh context: the loop serves every session, so it must not inherit the trace
             # context (session span) of whichever request happened to start it.
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="speculation-loop",
-                                                                context=contextvars.Context())
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._run(), name=f"speculation-lane-{len(self._tasks)}", context=contextvars.Context()))
+
+    def _take_round(self) -> list[SessionEntry]:
+        """The sessions of the next round of a lane: idle ones, up to the lane's share."""
+        live = [e for e in self._entries.values() if not e.session.finished]
+        self._queue_depth.set(max(len(live) - self.max_batch_sessions, 0))
+        # The oldest sessions run until they finish; later ones wait their turn (rotating
+        # instead would make every group evict the previous one's KV state each round).
+        eligible = live[: self.max_batch_sessions]
+        lanes = min(self.lanes, max(len(eligible) // self.lane_min_sessions, 1))
+        share = -(-len(eligible) // lanes)
+        return [e for e in eligible if e.session.session_id not in self._in_flight][:share]
 
     async def _run(self) -> None:
         while True:
             await self._release_finished()
-            live = [e for e in self._entries.values() if not e.session.finished]
-            self._queue_depth.set(max(len(live) - self.max_batch_sessions, 0))
-            if not live:
+            entries = self._take_round()
+            if not entries:
                 self._wakeup.clear()
-                if not self._entries:
-                    await self._wakeup.wait()
+                await self._wakeup.wait()
                 continue
-            # The oldest sessions run until they finish; later ones wait their turn (rotating
-            # instead would make every group evict the previous one's KV state each round).
+            ids = [e.session.session_id for e in entries]
+            self._in_flight.update(ids)
             try:
-                await self.run_round(live[: self.max_batch_sessions])
+                await self.run_round(entries)
             except BackendUnavailable as error:
+                self._in_flight.difference_update(ids)
                 if self.on_verifier_lost is None:
-                    for entry in live[: self.max_batch_sessions]:
+                    for entry in entries:
                         entry.session.cancel()
                         entry.outbox.put_nowait(error)
                 else:
-                    self.on_verifier_lost(self, self.detach_all(), error)
+                    self.on_verifier_lost(self, self.detach_idle(), error)
                     continue
             except Exception as error:  # noqa: BLE001 - delivered to every session in the round
                 log.exception("speculation round failed")
-                for entry in live[: self.max_batch_sessions]:
+                for entry in entries:
                     entry.session.cancel()
                     entry.outbox.put_nowait(error)
+            finally:
+                self._in_flight.difference_update(ids)
+                self._wakeup.set()  # other lanes may take what this round freed
             await asyncio.sleep(0)
 
     async def _release_finished(self) -> None:
-        done = [sid for sid, e in self._entries.items() if e.session.finished]
+        # Never a session in a round: its release would race that round's Verify.
+        done = [sid for sid, e in self._entries.items() if e.session.finished and sid not in self._in_flight]
         for sid in done:
             del self._entries[sid]
         if not done:

@@ -31,6 +31,8 @@ class EngineConfig:
     draft_length: int = 4  # tokens drafted and verified per round
     draft_top_k: int = 8  # size of the sparse q the drafter sends
     max_tokens_limit: int = 4096
+    pipeline_lanes: int = 1  # rounds in flight at once (scheduler/speculation_loop.py)
+    lane_min_sessions: int = 8
 
 
 @dataclass
@@ -85,7 +87,9 @@ class Engine:
         if key not in self._loops:
             self._loops = {key: SpeculationLoop(self._verify_backend, self._draft_backend, self._policy,
                                                 context_limit=self.config.max_context,
-                                                max_batch_sessions=self.config.num_slots)}
+                                                max_batch_sessions=self.config.num_slots,
+                                                lanes=self.config.pipeline_lanes,
+                                                lane_min_sessions=self.config.lane_min_sessions)}
         return self._loops[key]
 
     def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None) -> list[int]:

@@ -175,8 +175,9 @@ async def _stream_all(client: AsyncSpecmeshClient, texts: list[str], max_tokens:
     return await asyncio.gather(*(one(t) for t in texts))
 
 
-@pytest.mark.parametrize("victim", ["drafter", "verifier"])
-async def test_killing_a_process_mid_stream_changes_nothing(model_dirs, oracle, tmp_path, victim):
+@pytest.mark.parametrize("victim,lanes", [("drafter", 1), ("verifier", 1), ("verifier", 2)])
+async def test_killing_a_process_mid_stream_changes_nothing(model_dirs, oracle, tmp_path, victim, lanes):
+    """lanes 2: each verifier's sessions run in two lanes (rounds in flight at once) when it dies."""
     processes = ServiceProcesses()
     try:
         common = ["--max-context", str(MAX_CONTEXT), "--num-slots", "16"]
@@ -190,7 +191,8 @@ async def test_killing_a_process_mid_stream_changes_nothing(model_dirs, oracle, 
         processes.wait_all()
         scheduler = await start_scheduler(SchedulerConfig(verifiers=tuple(verifier_addresses),
                                                           drafters=(drafter_address,), connect_wait_s=30,
-                                                          verify_timeout_s=20, draft_timeout_s=5))
+                                                          verify_timeout_s=20, draft_timeout_s=5,
+                                                          pipeline_lanes=lanes, lane_min_sessions=1))
         gateway = await start_gateway(GatewayConfig(model=str(model_dirs["verifier"]), scheduler=scheduler.address))
         try:
             texts = prompts(6)

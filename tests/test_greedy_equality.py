@@ -415,3 +415,61 @@ def test_drafter_and_verifier_cache_misses_with_few_slots(verifier, unrelated_mo
     assert_exact(outs, references)
     assert counters["cache_misses"] > 0
     assert drafter.num_cache_misses > 0
+
+
+# ---- pipeline lanes (scheduler/speculation_loop.py) -------------------------------------------------
+
+
+def _lanes_engine(verifier, drafter_model, draft_length: int, lanes: int) -> tuple[Engine, list[int], list[int]]:
+    """An engine whose loop runs `lanes` lanes (3+ sessions each); records every verify batch's
+    size and the most rounds in flight at once."""
+    config = EngineConfig(num_slots=NUM_SLOTS, max_context=MAX_CONTEXT, draft_length=draft_length,
+                          pipeline_lanes=lanes, lane_min_sessions=3)
+    engine = Engine(verifier, None, model_drafter(drafter_model), config, stop_token_ids=[])
+    batch_sizes: list[int] = []
+    in_flight = [0, 0]  # now, most
+    backend = engine._draft_backend
+    draft, verify = backend.draft, engine._verify_backend.verify
+
+    async def counted(call, items):
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            return await call(items)
+        finally:
+            in_flight[0] -= 1
+
+    async def recording_verify(items):
+        batch_sizes.append(len(items))
+        return await counted(verify, items)
+
+    backend.draft = lambda requests: counted(draft, requests)
+    engine._verify_backend.verify = recording_verify
+    return engine, batch_sizes, in_flight
+
+
+@pytest.mark.parametrize("draft_length", [1, 4])
+def test_pipeline_lanes_keep_greedy_output_exact(verifier, unrelated_model, references, draft_length):
+    engine, batch_sizes, in_flight = _lanes_engine(verifier, unrelated_model, draft_length, lanes=2)
+    outs = run(engine)
+    assert_exact(outs, references)
+    assert totals(outs)[0] > 0
+    # Two lanes of ~6 sessions: never one batch of all 12, and rounds overlapped.
+    assert max(batch_sizes) <= math.ceil(len(PROMPTS) / 2), batch_sizes
+    assert in_flight[1] >= 2
+
+
+def test_pipeline_lanes_replay_seeded_sampling_exactly(verifier):
+    """Randomness is keyed by (seed, position), so how sessions are split among lanes cannot
+    change a sampled output: lanes keep the verifier's distribution (checked statistically for
+    one lane in test_sampling_distribution_engine.py)."""
+    drafter_model = make_tiny_llama(VOCAB, seed=5)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, top_k=20, seed=700 + i) for i in range(len(PROMPTS))]
+    outputs = {}
+    for lanes in (1, 2, 3):
+        engine, batch_sizes, _ = _lanes_engine(verifier, drafter_model, 3, lanes)
+        outs = engine.generate_batch_ids(PROMPTS, params=params, max_tokens=MAX_TOKENS)
+        outputs[lanes] = [o.token_ids for o in outs]
+        assert max(batch_sizes) <= math.ceil(len(PROMPTS) / lanes)
+    assert outputs[1] == outputs[2] == outputs[3]
+    assert len({tuple(o) for o in outputs[1]}) > 1
