@@ -100,10 +100,29 @@ class RoundCounter:
 
     def __init__(self) -> None:
         self.accepted = self.trials = self.verified = self.rounds = 0
-        from scheduler import budget_policy, draft_policy
+        from scheduler import budget_policy, draft_policy, remote_drafter, remote_verifier, speculation_loop
 
         for policy_class in (budget_policy.AdaptiveBudgetPolicy, draft_policy.FixedDraftLength):
             policy_class.observe = self._counting(policy_class.observe)
+        # Where a round's time goes, seen from the scheduler: the round, its Draft and Verify
+        # calls (RPC included); the rest is the scheduler's own work.
+        self.seconds = {"round": 0.0, "draft_call": 0.0, "verify_call": 0.0}
+        self.calls = dict.fromkeys(self.seconds, 0)
+        for cls, name, key in ((speculation_loop.SpeculationLoop, "run_round", "round"),
+                               (remote_drafter.RemoteDrafter, "draft", "draft_call"),
+                               (remote_verifier.RemoteVerifier, "verify", "verify_call")):
+            setattr(cls, name, self._timed(getattr(cls, name), key))
+
+    def _timed(self, original, key: str):
+        async def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+                self.calls[key] += 1
+
+        return timed
 
     def _counting(self, original):
         async def observe(policy, outcomes):
@@ -123,6 +142,10 @@ class RoundCounter:
         out = {"alpha_hat": self.accepted / self.trials if self.trials else 0.0,
                "gamma_verified": self.verified / self.rounds if self.rounds else 0.0,
                "policy_rounds": self.rounds, "alpha_trials": self.trials, "alpha_accepted": self.accepted}
+        for key, seconds in self.seconds.items():
+            out[f"sched_{key}_s"] = seconds
+            out[f"sched_{key}_calls"] = self.calls[key]
+            self.seconds[key], self.calls[key] = 0.0, 0
         self.accepted = self.trials = self.verified = self.rounds = 0
         return out
 

@@ -419,6 +419,10 @@ async def main_async(args) -> dict:
     if args.fixed_gamma > 0:
         configs["fixed"] = dict(verifiers=(verifier.address,), drafters=(drafter.address,), policy="fixed",
                                 draft_length=args.fixed_gamma, max_batch_sessions=slots, connect_wait_s=30)
+    if args.lanes > 1:
+        # The same policies with pipeline lanes (scheduler/speculation_loop.py); their own calibration.
+        for name in [str(a) for a in args.fixed_alphas] + (["fixed"] if args.fixed_gamma > 0 else []):
+            configs[f"{name}/lanes"] = dict(configs[name], pipeline_lanes=args.lanes)
     t0 = time.perf_counter()
     schedulers = SchedulerHost(configs)
     clients = ClientHost(await schedulers.call("addresses"))
@@ -450,13 +454,16 @@ async def main_async(args) -> dict:
 
     async def controlled(alpha: float, batch: list[list[int]], references: list[list[int]], policy: str = "adaptive"):
         """policy: adaptive, fixed (gamma), or ahead (adaptive, the drafter drafting ahead while
-        verification runs: PEARL-style, drafter/draft_worker.py)."""
+        verification runs: PEARL-style, drafter/draft_worker.py); a "/lanes" suffix runs it on
+        the scheduler with pipeline lanes."""
         ids = [f"a{alpha}-{policy}-{next(counter)}" for _ in batch]
         for rid, prompt, ref in zip(ids, batch, references):
             drafter_core.register(rid, prompt + ref, alpha)
-        drafter.worker.draft_ahead_tokens = args.draft_ahead if policy == "ahead" else 0
+        drafter.worker.draft_ahead_tokens = args.draft_ahead if policy.startswith("ahead") else 0
         try:
-            samples, summary = await run_slice("fixed" if policy == "fixed" else str(alpha), batch, True, ids)
+            base, _, lanes = policy.partition("/")
+            scheduler = ("fixed" if base == "fixed" else str(alpha)) + ("/lanes" if lanes else "")
+            samples, summary = await run_slice(scheduler, batch, True, ids)
         finally:
             drafter.worker.draft_ahead_tokens = 0
         summary["diverged_sessions"] = drafter_core.num_diverged_among(ids)
@@ -488,6 +495,8 @@ async def main_async(args) -> dict:
         # A round's syncs come as one batch message, drafted at once; the batch window (1 ms)
         # only applies to syncs from other streams, of which there are none here.
         policies = ["adaptive"] + (["fixed"] if args.fixed_gamma > 0 else []) + (["ahead"] if args.draft_ahead else [])
+        if args.lanes > 1 and concurrency >= 2 * 8:  # lanes split only from 8 sessions each
+            policies += ["adaptive/lanes"] + (["fixed/lanes"] if args.fixed_gamma > 0 else [])
         repeats = args.repeats
         per_slice = max(concurrency, args.min_requests // repeats) if concurrency == 1 else concurrency
         captured = graph_state()
@@ -509,8 +518,10 @@ async def main_async(args) -> dict:
                         _, summary = await controlled(alpha, batch[start:start + concurrency],
                                                       references[start:start + concurrency], policy)
                         if measured:
+                            base, _, lanes = policy.partition("/")
                             name = f"a{alpha} " + {"adaptive": "adapt", "fixed": f"fix{args.fixed_gamma}",
-                                                   "ahead": f"ahead{args.draft_ahead}"}[policy]
+                                                   "ahead": f"ahead{args.draft_ahead}"}[base]
+                            name += f" L{args.lanes}" if lanes else ""
                             modes.setdefault(name, []).append(summary)
             if repeat == 0:
                 captured = graph_state()  # graphs captured after the warm-up show in graphs_at_end
@@ -547,8 +558,16 @@ def merge(slices: list[dict]) -> dict:
     for key in ("ttft_p50_ms", "tpot_p50_ms", "tpot_p99_ms"):
         out[key] = statistics.median(s[key] for s in slices)
     for key in ("drafted", "accepted", "rounds", "verifier_busy_s", "verify_forwards", "drafter_busy_s",
-                "draft_calls", "diverged_sessions", "alpha_trials", "alpha_accepted", "policy_rounds"):
+                "draft_calls", "diverged_sessions", "alpha_trials", "alpha_accepted", "policy_rounds",
+                *(f"sched_{phase}_{unit}" for phase in ("round", "draft_call", "verify_call") for unit in ("s", "calls"))):
         out[key] = sum(s.get(key, 0) for s in slices)
+    # Mean milliseconds per call: a scheduler round, its Draft and Verify calls as the scheduler
+    # sees them, and the cores' own work behind them (forwards and the Python around them).
+    for phase in ("round", "draft_call", "verify_call"):
+        calls = out[f"sched_{phase}_calls"]
+        out[f"sched_{phase}_ms"] = 1000 * out[f"sched_{phase}_s"] / calls if calls else 0.0
+    out["verifier_core_ms"] = 1000 * out["verifier_busy_s"] / out["verify_forwards"] if out["verify_forwards"] else 0.0
+    out["drafter_core_ms"] = 1000 * out["drafter_busy_s"] / out["draft_calls"] if out["draft_calls"] else 0.0
     out["alpha_hat"] = out["alpha_accepted"] / out["alpha_trials"] if out["alpha_trials"] else 0.0
     out["acceptance_rate"] = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
     out["tau"] = (out["accepted"] + out["rounds"]) / out["rounds"] if out["rounds"] else 0.0
@@ -584,15 +603,22 @@ def table(result: dict) -> str:
         lines.append("HF generate: " + ", ".join(
             f"batch {r['batch']}: {r['ms_per_step']:.1f} ms/step, {r['aggregate_tokens_per_s']:.0f} tok/s"
             for r in result["hf_generate"]))
-    lines.append(f"{'conc':>4} {'mode':>12} {'agg tok/s':>9} {'x off':>6} {'user tok/s':>10} {'x off':>6} "
+    lines.append(f"{'conc':>4} {'mode':>15} {'agg tok/s':>9} {'x off':>6} {'user tok/s':>10} {'x off':>6} "
                  f"{'alpha^':>6} {'gamma':>5} {'tau':>5} {'ttft ms':>7} {'tpot ms':>7} {'v.busy':>6} {'ceiling':>7}")
     for level in result.get("levels", []):
         for mode, s in level["modes"].items():
             lines.append(
-                f"{level['concurrency']:>4} {mode:>12} {s['aggregate_tokens_per_s']:>9.1f} {s['aggregate_vs_off']:>6.2f} "
+                f"{level['concurrency']:>4} {mode:>15} {s['aggregate_tokens_per_s']:>9.1f} {s['aggregate_vs_off']:>6.2f} "
                 f"{s['per_user_tokens_per_s']:>10.1f} {s['per_user_vs_off']:>6.2f} {s['alpha_hat']:>6.1%} "
                 f"{s['gamma']:>5.2f} {s['tau']:>5.2f} {s['ttft_p50_ms']:>7.1f} {s['tpot_p50_ms']:>7.2f} "
                 f"{s['verifier_busy_fraction']:>6.1%} {s.get('ceiling', 1.0):>7.2f}")
+    lines.append("where a round goes (ms per call; scheduler's view, then the cores' own work behind it):")
+    lines.append(f"{'conc':>4} {'mode':>15} {'round':>6} {'draft':>6} {'d.core':>6} {'verify':>6} {'v.core':>6}")
+    for level in result.get("levels", []):
+        for mode, s in level["modes"].items():
+            lines.append(f"{level['concurrency']:>4} {mode:>15} {s.get('sched_round_ms', 0):>6.1f} "
+                         f"{s.get('sched_draft_call_ms', 0):>6.1f} {s.get('drafter_core_ms', 0):>6.1f} "
+                         f"{s.get('sched_verify_call_ms', 0):>6.1f} {s.get('verifier_core_ms', 0):>6.1f}")
     if result.get("skipped_levels"):
         lines.append(f"skipped (time budget): concurrency {result['skipped_levels']}")
     return "\n".join(lines)
@@ -605,7 +631,9 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.6,0.8,0.9")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-draft-tokens", type=int, default=8)
-    parser.add_argument("--draft-ahead", type=int, default=4,
+    parser.add_argument("--lanes", type=int, default=2,
+                        help="also run adaptive and fixed at --fixed-alphas with this many pipeline lanes (1: no)")
+    parser.add_argument("--draft-ahead", type=int, default=0,
                         help="also run adaptive with the drafter drafting this far ahead (0: no) at --fixed-alphas")
     parser.add_argument("--fixed-gamma", type=int, default=4, help="also run a fixed-gamma scheduler (0: no)")
     parser.add_argument("--fixed-alphas", default="0.8", help="alphas the fixed-gamma scheduler runs")
