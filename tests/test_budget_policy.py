@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scheduler.budget_policy import (
+    choose_draft_length,
     AdaptiveBudgetPolicy,
     BudgetConfig,
     admission_survivals,
@@ -464,3 +465,21 @@ async def test_speculation_loop_with_adaptive_policy_survives_redis_loss(redis_p
         await loop.close()
         await store.close()
         await registry.close()
+
+
+def test_a_marginal_predicted_gain_does_not_draft():
+    """min_speedup: drafting must be predicted to beat plain decoding by a margin, because the
+    measured cost model is noisy and a marginal predicted gain was a real loss (GPU bench)."""
+    caps = [4] * 64
+    survival = [0.6, 0.2, 0.05, 0.01]
+
+    def seconds(batch_tokens: int, steps: int) -> float:  # plain 15 ms; one draft step +7.5 ms
+        return 0.015 + 0.000012 * (batch_tokens - 64) + (0.0075 + 0.003 * (steps - 1) if steps else 0.0)
+
+    k, value = choose_draft_length(caps, survival, 64, seconds)
+    assert k >= 1 and 1.0 < value / (64 / seconds(64, 0)) < 1.05  # a 1-4% predicted gain
+    k, value = choose_draft_length(caps, survival, 64, seconds, min_speedup=1.05)
+    assert k == 0 and value == pytest.approx(64 / seconds(64, 0))
+    # A clear gain still drafts.
+    k, _ = choose_draft_length(caps, [0.9, 0.81, 0.73, 0.66], 64, seconds, min_speedup=1.05)
+    assert k >= 2
