@@ -61,9 +61,11 @@ TINY_VERIFIER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
 TINY_DRAFTER = dict(TINY_VERIFIER, num_hidden_layers=1)
 
 
-def build_model(shape: dict, seed: int, device: str, dtype: torch.dtype, *, decisive: bool = False) -> torch.nn.Module:
+def build_model(shape: dict, seed: int, device: str, dtype: torch.dtype, *, decisive: bool = False,
+                permutation: torch.Tensor | None = None) -> torch.nn.Module:
     """Random weights of a real shape. decisive: weights whose greedy continuation survives
-    low-precision kernel differences (see make_decisive)."""
+    low-precision kernel differences (see make_decisive); permutation: the one to follow (a
+    drafter agreeing with a decisive verifier), else a random one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -75,12 +77,12 @@ def build_model(shape: dict, seed: int, device: str, dtype: torch.dtype, *, deci
     finally:
         torch.set_default_dtype(previous)
     if decisive:
-        make_decisive(model, seed)
+        model.permutation = make_decisive(model, seed, permutation)
     return model.eval()
 
 
 @torch.no_grad()
-def make_decisive(model: torch.nn.Module, seed: int) -> None:
+def make_decisive(model: torch.nn.Module, seed: int, permutation: torch.Tensor | None = None) -> torch.Tensor:
     """A random model's next-token distribution is nearly flat: top-1 and top-2 logits sit within
     bf16 rounding of each other so often that two equivalent batchings disagree on the argmax
     (5.6% of tokens on the first GPU runs), and a reference continuation computed in one batching
@@ -88,15 +90,20 @@ def make_decisive(model: torch.nn.Module, seed: int) -> None:
     embedding (decoder layers at a tenth of the usual init scale) and the LM head is a
     permutation of the embedding, so the argmax wins by a wide margin: greedy decoding follows
     a fixed random permutation of the vocabulary, identically in any batching. Shapes, and so
-    every cost, are those of the real model."""
+    every cost, are those of the real model. A drafter made decisive with the verifier's
+    permutation agrees with it on every greedy token (used for HF assisted generation, whose
+    assistant cannot be told what to propose). Returns the permutation."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     embedding = model.get_input_embeddings().weight
     embedding.copy_(torch.randn(embedding.shape, generator=generator).to(embedding))
     for name, parameter in model.named_parameters():
         if ".layers." in name and parameter.dim() == 2:
             parameter.mul_(0.1)
-    permutation = torch.randperm(embedding.shape[0], generator=generator).to(embedding.device)
+    if permutation is None:
+        permutation = torch.randperm(embedding.shape[0], generator=generator)
+    permutation = permutation.to(embedding.device)
     model.get_output_embeddings().weight.copy_(embedding[permutation])
+    return permutation
 
 
 def sync(device: torch.device) -> None:
@@ -182,6 +189,31 @@ def hf_generate(model: torch.nn.Module, batch: int, new_tokens: int, prompt_leng
     generated = out.shape[1] - prompt_length
     return {"batch": batch, "new_tokens": generated, "ms_per_step": 1000 * seconds / generated,
             "aggregate_tokens_per_s": batch * generated / seconds}
+
+
+def hf_assisted(model: torch.nn.Module, assistant: torch.nn.Module, new_tokens: int, prompt_length: int,
+                device: torch.device, seed: int = 0) -> dict:
+    """HF transformers assisted generation (`assistant_model=`, greedy, batch 1: it supports no
+    batches), with its default assistant settings: tokens per second, and whether its output
+    equals plain greedy `generate`."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_length), generator=generator).to(device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        plain = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        model.generate(ids, assistant_model=assistant, max_new_tokens=8, min_new_tokens=8, **kwargs)
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(ids, assistant_model=assistant, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             **kwargs)
+        sync(device)
+    seconds = time.perf_counter() - start
+    generated = out.shape[1] - prompt_length
+    config = assistant.generation_config
+    return {"batch": 1, "new_tokens": generated, "tokens_per_s": generated / seconds,
+            "ms_per_token": 1000 * seconds / generated, "equals_plain_greedy": bool(torch.equal(out, plain)),
+            "num_assistant_tokens": getattr(config, "num_assistant_tokens", None),
+            "num_assistant_tokens_schedule": getattr(config, "num_assistant_tokens_schedule", None)}
 
 
 # ---- correctness on the device -------------------------------------------------------------------
@@ -320,7 +352,10 @@ async def main_async(args) -> dict:
     result: dict = {"meta": meta}
     t0 = time.perf_counter()
     verifier_model = build_model(TINY_VERIFIER if tiny else LLAMA3_8B, 0, str(device), dtype, decisive=True)
-    drafter_model = build_model(TINY_DRAFTER if tiny else DRAFTER, 1, str(device), dtype)
+    # The drafter agrees with the verifier (same permutation): HF assisted generation can use it
+    # as its assistant; the services' controlled-acceptance drafter overrides its proposals.
+    drafter_model = build_model(TINY_DRAFTER if tiny else DRAFTER, 1, str(device), dtype, decisive=True,
+                                permutation=verifier_model.permutation)
     meta["verifier_params_b"] = sum(p.numel() for p in verifier_model.parameters()) / 1e9
     meta["drafter_params_b"] = sum(p.numel() for p in drafter_model.parameters()) / 1e9
     sync(device)
@@ -381,6 +416,8 @@ async def main_async(args) -> dict:
             out["verifier_cost_padded_layout"] = padded_cost(verifier_model, [(1, 1), (16, 4), (64, 4)], slots=64,
                                                              max_context=max_context, context=context, reps=reps)
             out["hf_generate"] = [hf_generate(verifier_model, b, 8 if tiny else 32, 128, device) for b in (1, 16)]
+            out["hf_assisted"] = hf_assisted(verifier_model, drafter_model, 32 if tiny else args.max_tokens, 96,
+                                             device)
         return out
 
     try:
@@ -619,6 +656,18 @@ def table(result: dict) -> str:
             lines.append(f"{level['concurrency']:>4} {mode:>15} {s.get('sched_round_ms', 0):>6.1f} "
                          f"{s.get('sched_draft_call_ms', 0):>6.1f} {s.get('drafter_core_ms', 0):>6.1f} "
                          f"{s.get('sched_verify_call_ms', 0):>6.1f} {s.get('verifier_core_ms', 0):>6.1f}")
+    if "hf_assisted" in result:
+        hf = result["hf_assisted"]
+        lines.append(f"HF assisted generation (batch 1, assistant = the drafter, agreeing on every greedy token): "
+                     f"{hf['tokens_per_s']:.1f} tok/s, output equals plain greedy: {hf['equals_plain_greedy']}")
+        for level in result.get("levels", []):
+            mode = level["modes"].get("a1.0 adapt")
+            if mode and level["concurrency"] in (1, 16):
+                lines.append(f"  specmesh alpha 1.0 adaptive at concurrency {level['concurrency']}: "
+                             f"{mode['per_user_tokens_per_s']:.1f} tok/s per user "
+                             f"({mode['per_user_tokens_per_s'] / hf['tokens_per_s']:.2f}x), "
+                             f"{mode['aggregate_tokens_per_s']:.0f} aggregate "
+                             f"({mode['aggregate_tokens_per_s'] / hf['tokens_per_s']:.2f}x HF assisted serving users one by one)")
     if result.get("skipped_levels"):
         lines.append(f"skipped (time budget): concurrency {result['skipped_levels']}")
     return "\n".join(lines)
@@ -628,7 +677,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--levels", default="1,16,64")
-    parser.add_argument("--alphas", default="0.6,0.8,0.9")
+    parser.add_argument("--alphas", default="0.6,0.8,0.9,1.0")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-draft-tokens", type=int, default=8)
     parser.add_argument("--lanes", type=int, default=2,
