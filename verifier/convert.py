@@ -6,6 +6,7 @@ caller or a test sends and reads back), so the wire mapping is written once.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ _REFUSAL_STATUS = {
 # ---- sampling parameters and sparse distributions ----------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # a handful of distinct values, every item of every call
 def _from_float32(value: float) -> float:
     """The shortest decimal that round-trips through float32, as a Python float.
 
