@@ -53,9 +53,11 @@ log = logging.getLogger("gpu_bench")
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False)
-# Llama-3.2-1B width and vocabulary, 8 layers instead of 16: 0.75B parameters.
+# Llama-3.2-1B width and vocabulary, 8 layers instead of 16: 0.75B parameters, plus an untied
+# LM head (the same cost as a tied one; untied so the drafter can be made to agree with the
+# verifier, see make_decisive: a tied head would overwrite the input embedding).
 DRAFTER = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True)
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False)
 TINY_VERIFIER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False)
 TINY_DRAFTER = dict(TINY_VERIFIER, num_hidden_layers=1)
@@ -209,9 +211,13 @@ def hf_assisted(model: torch.nn.Module, assistant: torch.nn.Module, new_tokens: 
         sync(device)
     seconds = time.perf_counter() - start
     generated = out.shape[1] - prompt_length
+    with torch.inference_mode():  # how often the assistant's own greedy choice is the verifier's
+        logits = assistant(plain[:, :-1]).logits[0, prompt_length - 1:]
+    agreement = (logits.argmax(dim=-1) == plain[0, prompt_length:]).float().mean().item()
     config = assistant.generation_config
     return {"batch": 1, "new_tokens": generated, "tokens_per_s": generated / seconds,
             "ms_per_token": 1000 * seconds / generated, "equals_plain_greedy": bool(torch.equal(out, plain)),
+            "assistant_greedy_agreement": agreement,
             "num_assistant_tokens": getattr(config, "num_assistant_tokens", None),
             "num_assistant_tokens_schedule": getattr(config, "num_assistant_tokens_schedule", None)}
 
@@ -613,6 +619,31 @@ def merge(slices: list[dict]) -> dict:
     return out
 
 
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    points = sorted(points)
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    return y1 + (y1 - y0) * (x - x1) / (x1 - x0)
+
+
+def gpu_bound(result: dict, concurrency: int, gamma: float, tau: float) -> float | None:
+    """The speedup if a round cost only its GPU work, on one GPU shared by drafter and verifier:
+    tau * verify(c x 1) / (verify(c x (gamma + 1)) + gamma * draft_step(c)), from the measured
+    cost curves. What the services could reach with no RPC, Python or scheduling at all."""
+    verify = [(r["tokens_per_session"], r["ms"]) for r in result.get("verifier_cost", [])
+              if r["sessions"] == concurrency]
+    steps = [(r["sessions"], r["ms"]) for r in result.get("drafter_cost", []) if r["tokens_per_session"] == 1]
+    if len(verify) < 2 or len(steps) < 2:
+        return None
+    plain = _interpolate(verify, 1)
+    spec = _interpolate(verify, gamma + 1) + gamma * _interpolate(steps, concurrency)
+    return tau * plain / spec
+
+
 def table(result: dict) -> str:
     lines = []
     meta = result["meta"]
@@ -641,14 +672,16 @@ def table(result: dict) -> str:
             f"batch {r['batch']}: {r['ms_per_step']:.1f} ms/step, {r['aggregate_tokens_per_s']:.0f} tok/s"
             for r in result["hf_generate"]))
     lines.append(f"{'conc':>4} {'mode':>15} {'agg tok/s':>9} {'x off':>6} {'user tok/s':>10} {'x off':>6} "
-                 f"{'alpha^':>6} {'gamma':>5} {'tau':>5} {'ttft ms':>7} {'tpot ms':>7} {'v.busy':>6} {'ceiling':>7}")
+                 f"{'alpha^':>6} {'gamma':>5} {'tau':>5} {'ttft ms':>7} {'tpot ms':>7} {'v.busy':>6} {'ceiling':>7} "
+                 f"{'gpu bnd':>7}")
     for level in result.get("levels", []):
         for mode, s in level["modes"].items():
             lines.append(
                 f"{level['concurrency']:>4} {mode:>15} {s['aggregate_tokens_per_s']:>9.1f} {s['aggregate_vs_off']:>6.2f} "
                 f"{s['per_user_tokens_per_s']:>10.1f} {s['per_user_vs_off']:>6.2f} {s['alpha_hat']:>6.1%} "
                 f"{s['gamma']:>5.2f} {s['tau']:>5.2f} {s['ttft_p50_ms']:>7.1f} {s['tpot_p50_ms']:>7.2f} "
-                f"{s['verifier_busy_fraction']:>6.1%} {s.get('ceiling', 1.0):>7.2f}")
+                f"{s['verifier_busy_fraction']:>6.1%} {s.get('ceiling', 1.0):>7.2f} "
+                f"{gpu_bound(result, level['concurrency'], s['gamma'], s['tau']) or 0.0:>7.2f}")
     lines.append("where a round goes (ms per call; scheduler's view, then the cores' own work behind it):")
     lines.append(f"{'conc':>4} {'mode':>15} {'round':>6} {'draft':>6} {'d.core':>6} {'verify':>6} {'v.core':>6}")
     for level in result.get("levels", []):
@@ -659,7 +692,8 @@ def table(result: dict) -> str:
     if "hf_assisted" in result:
         hf = result["hf_assisted"]
         lines.append(f"HF assisted generation (batch 1, assistant = the drafter, agreeing on every greedy token): "
-                     f"{hf['tokens_per_s']:.1f} tok/s, output equals plain greedy: {hf['equals_plain_greedy']}")
+                     f"{hf['tokens_per_s']:.1f} tok/s, assistant agreement {hf.get('assistant_greedy_agreement', float('nan')):.0%}, "
+                     f"output equals plain greedy: {hf['equals_plain_greedy']}")
         for level in result.get("levels", []):
             mode = level["modes"].get("a1.0 adapt")
             if mode and level["concurrency"] in (1, 16):

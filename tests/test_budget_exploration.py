@@ -45,3 +45,21 @@ def test_exploration_can_be_turned_off():
     sessions = make_sessions(2)
     verify = policy.verify_lengths(sessions, make_chunks(sessions, [0.0, 0.0]), {"s0": 2, "s1": 2})
     assert all(n == 0 for n in verify.values())  # zero-confidence drafts: nothing worth verifying
+
+
+def test_a_periodic_recheck_explores_a_few_rotating_sessions_only():
+    policy = AdaptiveBudgetPolicy(store_with(0.0, 1000.0), STEEP, PAIR, 8,
+                                  config=BudgetConfig(measure_timing=False, explore_every_rounds=10,
+                                                      explore_sessions=3))
+    sessions = make_sessions(8)
+    explored = []
+    for _ in range(30):
+        lengths = policy.draft_lengths(sessions, CONTEXT)
+        if any(lengths.values()):
+            explored.append({sid for sid, k in lengths.items() if k > 0})
+    assert len(explored) == 3 and all(len(chosen) == 3 for chosen in explored)
+    assert len(set().union(*explored)) > 3  # a different group each time
+    # A cold table still explores with every session.
+    cold = AdaptiveBudgetPolicy(InMemoryCalibrationStore(), STEEP, PAIR, 8,
+                                config=BudgetConfig(measure_timing=False, explore_sessions=3))
+    assert all(k == 2 for k in cold.draft_lengths(sessions, CONTEXT).values())
