@@ -58,7 +58,7 @@ class ControlledAcceptanceDrafter(ModelDrafter):
         # Decided here, once per position, rather than per draft on the drafter's critical
         # path: the draws are keyed by position anyway, and hashing them per token cost the
         # benchmark ~1.5 ms per round at 64 sessions, which a real drafter does not pay.
-        vocab = self.runner.vocab_size
+        vocab = self.vocab_size  # the model's vocabulary, not its LM head's rows (a draft vocabulary)
         proposals = []
         for position, token in enumerate(reference):
             if self._uniform(session_id, position, "keep") >= alpha:

@@ -362,8 +362,21 @@ async def main_async(args) -> dict:
     # as its assistant; the services' controlled-acceptance drafter overrides its proposals.
     drafter_model = build_model(TINY_DRAFTER if tiny else DRAFTER, 1, str(device), dtype, decisive=True,
                                 permutation=verifier_model.permutation)
+    # The services' drafter: the same weights with a draft vocabulary (FR-Spec / EAGLE-3: an LM
+    # head over the K most frequent tokens; what `specmesh train-drafter` ships), or the same
+    # model when --draft-vocab is 0. Its proposals come from controlled acceptance either way;
+    # the head changes what a draft step costs.
+    service_drafter_model = drafter_model
+    if args.draft_vocab > 0:
+        from specmesh.drafter_training.model import restrict_vocabulary
+
+        service_drafter_model = build_model(TINY_DRAFTER if tiny else DRAFTER, 1, str(device), dtype, decisive=True,
+                                            permutation=verifier_model.permutation)
+        vocab = service_drafter_model.config.vocab_size
+        restrict_vocabulary(service_drafter_model, list(range(min(args.draft_vocab, vocab // 2 if tiny else vocab))))
     meta["verifier_params_b"] = sum(p.numel() for p in verifier_model.parameters()) / 1e9
     meta["drafter_params_b"] = sum(p.numel() for p in drafter_model.parameters()) / 1e9
+    meta["service_drafter_params_b"] = sum(p.numel() for p in service_drafter_model.parameters()) / 1e9
     sync(device)
     meta["build_s"] = time.perf_counter() - t0
     log.info("models built in %.1f s: verifier %.2fB, drafter %.2fB params", meta["build_s"],
@@ -379,7 +392,7 @@ async def main_async(args) -> dict:
                        dtype="float32" if tiny else "bfloat16", device=device.type,
                        profile_batch_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), idle_ttl_s=0),
         model=verifier_model)
-    drafter_core = ControlledAcceptanceDrafter(ModelRunner(drafter_model, slots, max_context),
+    drafter_core = ControlledAcceptanceDrafter(ModelRunner(service_drafter_model, slots, max_context),
                                                name="controlled-acceptance/llama-0.75b-shape", draft_top_k=8)
     drafter = await start_drafter(
         DrafterConfig(model="controlled-acceptance", num_slots=slots, max_context=max_context,
@@ -402,6 +415,13 @@ async def main_async(args) -> dict:
     result["drafter_cost"] = await drafter.worker.run_exclusive(
         lambda: cost_curves(drunner, [(1, 1), (4, 1), (16, 1), (64, 1), (1, 4)], [(1, 1), (16, 1), (64, 1)],
                             context=context, reps=reps, drafter_top_k=8))
+    if service_drafter_model is not drafter_model:
+        # What a step of the same drafter with its full LM head costs (the draft vocabulary's gain).
+        full_runner = ModelRunner(drafter_model, slots, max_context)
+        result["drafter_cost_full_vocab"] = await drafter.worker.run_exclusive(
+            lambda: cost_curves(full_runner, [(1, 1), (16, 1), (64, 1)], [], context=context, reps=reps,
+                                drafter_top_k=8))
+        del full_runner
     # Without the fused kernels (specmesh/fused_ops.py): what they buy, and the baselines as
     # they were (the old padded runner and plain HF generate had none).
     def unfused(model, runner, work):
@@ -429,7 +449,7 @@ async def main_async(args) -> dict:
     try:
         result.update(await verifier.batcher.run_exclusive(lambda: unfused(verifier_model, vrunner, verifier_unfused)))
         result["drafter_cost_unfused"] = await drafter.worker.run_exclusive(lambda: unfused(
-            drafter_model, drunner, lambda: cost_curves(drunner, [(1, 1), (64, 1)], [], context=context, reps=reps,
+            service_drafter_model, drunner, lambda: cost_curves(drunner, [(1, 1), (64, 1)], [], context=context, reps=reps,
                                                         drafter_top_k=8)))
     except Exception as error:  # noqa: BLE001 - the A/B is a side measurement; the load run matters more
         log.exception("unfused measurements failed")
@@ -660,6 +680,10 @@ def table(result: dict) -> str:
     lines.append("drafter ms/step by sessions: " + ", ".join(
         f"{r['sessions']}x{r['tokens_per_session']}={r['ms']:.2f}" + (f" (eager {r['ms_eager']:.1f})" if "ms_eager" in r else "")
         for r in result["drafter_cost"]))
+    if "drafter_cost_full_vocab" in result:
+        lines.append(f"drafter with its full LM head (the services' drafts from {result['meta']['args']['draft_vocab']} "
+                     "tokens) ms/step: " + ", ".join(f"{r['sessions']}x{r['tokens_per_session']}={r['ms']:.2f}"
+                                                     for r in result["drafter_cost_full_vocab"]))
     for name in ("verifier_cost_unfused", "drafter_cost_unfused"):
         if name in result:
             lines.append(f"{name.split('_')[0]} without fused norms ms: " + ", ".join(
@@ -714,7 +738,9 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.6,0.8,0.9,1.0")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-draft-tokens", type=int, default=8)
-    parser.add_argument("--lanes", type=int, default=2,
+    parser.add_argument("--draft-vocab", type=int, default=32768,
+                        help="the services' drafter drafts from this many tokens (0: its full vocabulary)")
+    parser.add_argument("--lanes", type=int, default=1,
                         help="also run adaptive and fixed at --fixed-alphas with this many pipeline lanes (1: no)")
     parser.add_argument("--draft-ahead", type=int, default=0,
                         help="also run adaptive with the drafter drafting this far ahead (0: no) at --fixed-alphas")
