@@ -28,6 +28,7 @@ from specmesh.drafter_training.export import (
     WEIGHTS,
     export_drafter,
     load_trained_drafter,
+    set_draft_vocabulary,
 )
 from specmesh.drafter_training.losses import confidence_loss, distillation_terms
 from specmesh.drafter_training.model import (
@@ -226,6 +227,12 @@ def test_shipped_drafter_is_small_and_names_its_verifier():
     assert (directory / WEIGHTS).stat().st_size <= 20 * 2**20  # own weights only: the embedding is the verifier's
     marker = json.loads((directory / MARKER).read_text())
     assert marker["shared_verifier_tensors"] and marker["verifier_tokenizer_sha256"]
+    # Its draft vocabulary: 8192 distinct ids of SmolLM2's 49152, the end-of-text token among them.
+    from safetensors.torch import load_file
+
+    ids = load_file(str(directory / DRAFT_VOCAB_FILE))["token_ids"]
+    assert marker["draft_vocabulary"]["size"] == ids.numel() == 8192 and ids.dtype == torch.int32
+    assert ids.unique().numel() == 8192 and 0 <= int(ids.min()) and int(ids.max()) < 49152 and 2 in ids.tolist()
 
 
 @pytest.mark.slow
@@ -235,6 +242,7 @@ def test_shipped_drafter_drafts_for_smollm2_with_exact_greedy_output():
     config = EngineConfig(draft_length=3, num_slots=2, max_context=256)
     drafter = build_drafter("smollm2-135m-drafter", loaded.model, loaded.tokenizer, config)
     assert drafter.confidence_head is not None  # build_drafter also checked the tokenizers agree
+    assert drafter.draft_token_ids is not None and len(drafter.draft_token_ids) == 8192
     messages = [{"role": "user", "content": "List three colours."}]
     with_drafter = Engine(loaded.model, loaded.tokenizer, drafter, config).generate(messages=messages, max_tokens=12)
     plain = Engine(loaded.model, loaded.tokenizer, None, config).generate(messages=messages, max_tokens=12)
@@ -420,3 +428,20 @@ def test_cli_rejects_a_negative_draft_vocabulary(workspace, tmp_path):
     result = CliRunner().invoke(app, ["train-drafter", "--verifier", str(workspace["verifier_dir"]), "--out",
                                       str(tmp_path / "o"), "--draft-vocab", "-1"])
     assert result.exit_code == 2 and "--draft-vocab" in result.output
+
+
+def test_set_draft_vocabulary_restricts_an_exported_full_vocabulary_drafter(workspace, tmp_path):
+    import shutil
+
+    directory = tmp_path / "copy"
+    shutil.copytree(workspace["out"], directory)
+    verifier = workspace["verifier"]
+    set_draft_vocabulary(directory, [7, 3, 11, 2])
+    loaded = load_trained_drafter(directory, verifier_model=verifier)
+    assert draft_token_ids(loaded.model).tolist() == [7, 3, 11, 2]
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():  # the same layers: the restricted logits are the full logits' rows
+        full = workspace["trained"].model(ids).logits[0, -1]
+        assert torch.allclose(loaded.model(ids).logits[0, -1], full[[7, 3, 11, 2]], atol=0.05)
+    set_draft_vocabulary(directory, None)
+    assert draft_token_ids(load_trained_drafter(directory, verifier_model=verifier).model) is None

@@ -74,8 +74,7 @@ def export_drafter(directory: Path | str, model: Any, tokenizer: Any, *, shared:
     if draft_ids is not None:
         # The draft vocabulary's head rows are gathered at load from the full head (the verifier's
         # or the tied embedding); only a head that cannot be rebuilt ships, as its K rows.
-        save_file({DRAFT_VOCAB_KEY: draft_ids.detach().to("cpu", torch.int32).contiguous()},
-                  str(directory / DRAFT_VOCAB), metadata={"format": "pt"})
+        _write_draft_vocabulary(directory, draft_ids)
     elif (directory / DRAFT_VOCAB).exists():
         (directory / DRAFT_VOCAB).unlink()  # a stale one from an earlier export would restrict this drafter
     state = {name: tensor.detach().to("cpu", dtype).contiguous()
@@ -104,6 +103,25 @@ def export_drafter(directory: Path | str, model: Any, tokenizer: Any, *, shared:
     }
     (directory / MARKER).write_text(json.dumps(marker, indent=2))
     return directory
+
+
+def _write_draft_vocabulary(directory: Path, token_ids: torch.Tensor | list[int]) -> None:
+    ids = torch.as_tensor(token_ids).detach().to("cpu", torch.int32).contiguous()
+    save_file({DRAFT_VOCAB_KEY: ids}, str(directory / DRAFT_VOCAB), metadata={"format": "pt"})
+
+
+def set_draft_vocabulary(directory: Path | str, token_ids: list[int] | None) -> None:
+    """Give an exported full-vocabulary drafter a draft vocabulary (None: take it away) without
+    retraining: its layers are unchanged, its LM head is gathered to these rows at load."""
+    directory = Path(directory)
+    marker = read_marker(directory)
+    if token_ids is None:
+        (directory / DRAFT_VOCAB).unlink(missing_ok=True)
+        marker["draft_vocabulary"] = None
+    else:
+        _write_draft_vocabulary(directory, token_ids)
+        marker["draft_vocabulary"] = {"file": DRAFT_VOCAB, "size": len(token_ids)}
+    (directory / MARKER).write_text(json.dumps(marker, indent=2))
 
 
 def is_trained_drafter(ref: str | Path) -> bool:
