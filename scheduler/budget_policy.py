@@ -75,6 +75,10 @@ class BudgetConfig:
     # re-prefilling every session at the drafter (GPU bench, 64 sessions: a 30 ms round every
     # 50 rounds). A cold table still explores with every session, to learn fast.
     explore_sessions: int = 4
+    # Each re-check that still finds drafting not worth it doubles the wait before the next one,
+    # up to this many rounds; choosing to draft again resets it. A re-check costs a cold prefill
+    # at the drafter (~50 ms on the GPU bench), which every 50 rounds of a 12 ms round was -8%.
+    explore_max_interval: int = 1600
     # Draft only when the plan expects at least this speedup over plain decoding. The cost
     # model is measured and noisy; a marginal predicted gain was a loss in practice (GPU bench:
     # acceptance 0.6 at 64 sessions, a predicted +3.5% measured 0.92x aggregate).
@@ -206,6 +210,15 @@ class AdaptiveBudgetPolicy:
         self._draft_marks: dict[frozenset[str], tuple[float, int]] = {}
         self._verify_marks: dict[frozenset[str], tuple[float, int]] = {}
         self._warned = False
+        # Exploration state (see BudgetConfig): rounds planned, rounds since the last re-check,
+        # the current wait between re-checks, re-checks so far, and whether this round or the
+        # one planned before explored.
+        self._rounds_planned = 0
+        self._rounds_since_explored = 0
+        self._explore_interval = self.config.explore_every_rounds
+        self._explorations = 0
+        self._exploring = False
+        self._explored_last_round = False
 
     def for_verifier(self, verifier: str) -> "AdaptiveBudgetPolicy":
         """A policy for one verifier's loop: same calibration and profiles, own cost curve."""
@@ -312,13 +325,29 @@ class AdaptiveBudgetPolicy:
         return self.calibration.config
 
     def _should_explore(self, table) -> bool:
-        self._rounds_planned = getattr(self, "_rounds_planned", 0) + 1
+        self._rounds_planned += 1
         if self.config.explore_draft_tokens <= 0:
             return False
         if table.total_offered < self.config.explore_min_offered:
             return True
         every = self.config.explore_every_rounds
-        return every > 0 and self._rounds_planned % every == 0
+        if every <= 0:
+            return False
+        self._rounds_since_explored += 1
+        if self._rounds_since_explored < self._explore_interval:
+            return False
+        self._rounds_since_explored = 0
+        self._explorations += 1
+        return True
+
+    def _back_off_exploration(self, drafting: bool) -> None:
+        """After a re-check: drafting chosen again resets the interval, else it doubles."""
+        every = self.config.explore_every_rounds
+        if drafting:
+            self._explore_interval = every
+        elif self._explored_last_round:
+            self._explore_interval = min(2 * self._explore_interval,
+                                         max(self.config.explore_max_interval, every))
 
     def _plan_drafts(self, sessions: Sequence[Session], caps: list[int]) -> dict[str, int]:
         self._exploring = False
@@ -327,12 +356,12 @@ class AdaptiveBudgetPolicy:
             return {s.session_id: 0 for s in sessions}
         table = self.calibration.table(self.model_pair)
         if self._should_explore(table):
-            self._exploring = True
+            self._exploring = self._explored_last_round = True
             explore = self.config.explore_draft_tokens
             lengths = {s.session_id: min(explore, cap) for s, cap in zip(sessions, caps)}
             few = self.config.explore_sessions
             if table.total_offered >= self.config.explore_min_offered and 0 < few < len(sessions):
-                start = (self._rounds_planned // max(self.config.explore_every_rounds, 1) * few) % len(sessions)
+                start = (self._explorations * few) % len(sessions)
                 chosen = {s.session_id for s in (sessions[start:] + sessions[:start])[:few]}
                 lengths = {sid: (k if sid in chosen else 0) for sid, k in lengths.items()}
             return lengths
@@ -340,6 +369,8 @@ class AdaptiveBudgetPolicy:
         verify_seconds, draft_seconds = self.verify_seconds_fn(), self.draft_seconds_fn()
         k, _ = choose_draft_length(caps, survival, self._base_tokens(sessions),
                                    lambda b, steps: verify_seconds(b) + draft_seconds(steps), self.config.min_speedup)
+        self._back_off_exploration(k > 0)
+        self._explored_last_round = False
         return {s.session_id: min(k, cap) for s, cap in zip(sessions, caps)}
 
     def _plan_verification(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
@@ -358,7 +389,7 @@ class AdaptiveBudgetPolicy:
             confidences = chunk.confidences if chunk is not None else ()
             survivals.append(admission_survivals(confidences, n, table, positions))
         chosen, objective = choose_verify_lengths(survivals, base_tokens, seconds)
-        if getattr(self, "_exploring", False):
+        if self._exploring:
             # An exploration round verifies what it drafted (decided before drafting: lossless).
             chosen = [max(c, n) for c, n in zip(chosen, available)]
         lengths = {s.session_id: n for s, n in zip(sessions, chosen)}

@@ -30,13 +30,29 @@ def test_cold_table_drafts_and_verifies_the_exploration_length_even_when_costs_s
     assert all(n == 2 for n in verify.values())  # observed, so the table learns
 
 
-def test_learned_bad_drafter_is_rechecked_once_every_n_rounds():
-    policy = AdaptiveBudgetPolicy(store_with(0.0, 1000.0), STEEP, PAIR, 8,
-                                  config=BudgetConfig(measure_timing=False, explore_every_rounds=10))
+def _explored_rounds(policy, sessions, rounds: int, start: int = 1) -> list[int]:
+    return [r for r in range(start, start + rounds) if max(policy.draft_lengths(sessions, CONTEXT).values()) > 0]
+
+
+def _observe(store: InMemoryCalibrationStore, acceptance: float, volume: float) -> None:
+    config = store.config
+    store.table(PAIR).add([Observation(p, b, volume, volume * acceptance) for p in range(16)
+                           for b in range(config.num_buckets)], now=store.clock())
+
+
+def test_learned_bad_drafter_is_rechecked_ever_less_often_until_it_pays_again():
+    store = store_with(0.0, 1000.0)
+    policy = AdaptiveBudgetPolicy(store, CostProfile.linear(0.010, 0.0001), PAIR, 8,
+                                  config=BudgetConfig(measure_timing=False, explore_every_rounds=10,
+                                                      explore_max_interval=40))
     sessions = make_sessions(2)
-    drafted = [max(policy.draft_lengths(sessions, CONTEXT).values()) for _ in range(30)]
-    assert sum(1 for k in drafted if k > 0) == 3  # rounds 10, 20, 30
-    assert max(drafted) == BudgetConfig().explore_draft_tokens
+    # Each re-check that still says no doubles the wait (10, 20, 40, then capped at 40).
+    assert _explored_rounds(policy, sessions, 150) == [10, 30, 70, 110, 150]
+    # Drafting pays again: every round drafts, and the wait is back to 10 once it stops paying.
+    _observe(store, 1.0, 1e6)
+    assert _explored_rounds(policy, sessions, 5, start=151) == [151, 152, 153, 154, 155]
+    _observe(store, 0.0, 1e9)
+    assert _explored_rounds(policy, sessions, 30, start=156) == [160, 180]
 
 
 def test_exploration_can_be_turned_off():
@@ -50,7 +66,7 @@ def test_exploration_can_be_turned_off():
 def test_a_periodic_recheck_explores_a_few_rotating_sessions_only():
     policy = AdaptiveBudgetPolicy(store_with(0.0, 1000.0), STEEP, PAIR, 8,
                                   config=BudgetConfig(measure_timing=False, explore_every_rounds=10,
-                                                      explore_sessions=3))
+                                                      explore_sessions=3, explore_max_interval=10))
     sessions = make_sessions(8)
     explored = []
     for _ in range(30):
