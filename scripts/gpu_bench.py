@@ -201,13 +201,14 @@ def hf_assisted(model: torch.nn.Module, assistant: torch.nn.Module, new_tokens: 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_length), generator=generator).to(device)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    # No min_new_tokens (no EOS stops it anyway): HF hands generation arguments on to the
+    # assistant's own generate, where a minimum length would defeat drafting.
     with torch.inference_mode():
-        plain = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        model.generate(ids, assistant_model=assistant, max_new_tokens=8, min_new_tokens=8, **kwargs)
+        plain = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
+        model.generate(ids, assistant_model=assistant, max_new_tokens=8, **kwargs)
         sync(device)
         start = time.perf_counter()
-        out = model.generate(ids, assistant_model=assistant, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             **kwargs)
+        out = model.generate(ids, assistant_model=assistant, max_new_tokens=new_tokens, **kwargs)
         sync(device)
     seconds = time.perf_counter() - start
     generated = out.shape[1] - prompt_length
