@@ -210,9 +210,20 @@ class SpeculationLoop:
         sessions = [e.session for e in entries]
         record = RoundTrace(entries, getattr(self.verifier, "endpoint", ""))
         error: BaseException | None = None
+        prefill: asyncio.Task | None = None
         try:
             lengths = self.policy.draft_lengths(sessions, self.context_limit)
+            # A session's first round verifies (prefills) its prompt anyway. Drafting for it first
+            # would put the drafter's prefill of the prompt on the round's critical path (time to
+            # first token, and every other session's round): the drafter prefills it while the
+            # verifier does, and drafting starts next round. The prefill drafts one token (its
+            # own logits give it), which the drafter keeps if the verifier's token confirms it.
+            cold = [s for s in sessions if lengths[s.session_id] > 0 and s.num_generated == 0 and s.drafter_cached == 0]
+            if cold and self.drafter is not None:
+                lengths = {**lengths, **{s.session_id: 0 for s in cold}}
             chunks = await self._draft(sessions, lengths, record)
+            if cold and self.drafter is not None:
+                prefill = asyncio.ensure_future(self._draft(cold, {s.session_id: 1 for s in cold}, None, prefill=True))
             record.drafted(lengths, chunks)
             verify_lengths = self.policy.verify_lengths(sessions, chunks, lengths)
             items = [s.verify_item(chunks.get(s.session_id), verify_lengths.get(s.session_id, 0)) for s in sessions]
@@ -221,6 +232,8 @@ class SpeculationLoop:
             record.planned(items, self.policy)
             with record.verifying():
                 results = await self.verifier.verify(items)
+            if prefill is not None:
+                chunks = {**chunks, **await prefill}
             self.num_rounds += 1
             outcomes = []
             for entry, item, result in zip(entries, items, results):
@@ -237,12 +250,16 @@ class SpeculationLoop:
             error = caught
             raise
         finally:
+            if prefill is not None and not prefill.done():
+                prefill.cancel()
             record.end(error)
         await self.policy.observe(outcomes)
 
     async def _draft(self, sessions: Sequence[Session], lengths: dict[str, int],
-                     record: RoundTrace | None = None) -> dict[str, DraftChunk]:
-        wanted = [s for s in sessions if lengths[s.session_id] > 0]
+                     record: RoundTrace | None = None, prefill: bool = False) -> dict[str, DraftChunk]:
+        """prefill: bring these sessions' drafter state up to date (drafting what lengths say)
+        although none of their drafts will be verified this round."""
+        wanted = list(sessions) if prefill else [s for s in sessions if lengths[s.session_id] > 0]
         if self.drafter is None or not wanted:
             return {}
         requests = [s.draft_request(lengths[s.session_id]) for s in wanted]

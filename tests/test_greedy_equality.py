@@ -124,8 +124,9 @@ def test_drafter_equal_to_verifier_accepts_everything(verifier, references, draf
     for out in outs:
         assert out.stats.drafted_tokens > 0
         assert out.stats.accepted_tokens == out.stats.drafted_tokens, out.stats
-        # Every round commits draft_length + 1 tokens (the last round what is left).
-        assert out.stats.rounds == math.ceil(MAX_TOKENS / (draft_length + 1)), out.stats
+        # The first round prefills (one token; the drafter prefills beside it), then every round
+        # commits draft_length + 1 tokens (the last round what is left).
+        assert out.stats.rounds == 1 + math.ceil((MAX_TOKENS - 1) / (draft_length + 1)), out.stats
 
 
 @pytest.mark.parametrize("draft_length", DRAFT_LENGTHS)
@@ -255,7 +256,9 @@ def test_max_draft_tokens(verifier, references, draft_length, max_draft_tokens):
     for out in outs:
         assert out.stats.accepted_tokens == out.stats.drafted_tokens
         assert len(out.stats.accepted_by_position) == per_round
-        assert out.stats.rounds == math.ceil(MAX_TOKENS / (per_round + 1)), out.stats
+        # The first round prefills (drafts verified from the second round on).
+        expected = MAX_TOKENS if per_round == 0 else 1 + math.ceil((MAX_TOKENS - 1) / (per_round + 1))
+        assert out.stats.rounds == expected, out.stats
 
 
 # ---- (g): stop tokens -----------------------------------------------------------------------
@@ -473,3 +476,24 @@ def test_pipeline_lanes_replay_seeded_sampling_exactly(verifier):
         assert max(batch_sizes) <= math.ceil(len(PROMPTS) / lanes)
     assert outputs[1] == outputs[2] == outputs[3]
     assert len({tuple(o) for o in outputs[1]}) > 1
+
+
+def test_first_round_prefills_the_drafter_beside_the_verifier(verifier, references):
+    """A session's first round verifies no drafts: the drafter prefills the prompt (drafting one
+    token) while the verifier does, so the second round's sync sends only what was committed."""
+    drafter = RecordingDrafter(model_drafter(verifier))
+    engine = make_engine(verifier, drafter, 3)
+    outs = run(engine)
+    assert_exact(outs, references)
+    first_calls: dict[str, list[DraftRequest]] = {}
+    for request, chunk in drafter.calls:
+        first_calls.setdefault(request.session_id, []).append(request)
+    assert len(first_calls) == len(PROMPTS)
+    for requests in first_calls.values():
+        first, second = requests[0], requests[1]
+        assert first.num_cached_tokens == 0 and first.num_draft_tokens == 1  # the prefill, beside the verifier
+        assert second.num_cached_tokens == len(first.new_tokens)  # only the committed token follows
+        assert len(second.new_tokens) == 1
+    # The drafter equals the verifier, so from the second round every draft is accepted.
+    for out in outs:
+        assert out.stats.rounds == 1 + math.ceil((MAX_TOKENS - 1) / 4), out.stats

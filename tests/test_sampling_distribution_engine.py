@@ -8,13 +8,15 @@ commit), hundreds of sessions per verify batch. The committed tokens must follow
 own distribution under the request's temperature / top-k / top-p, computed exactly from the
 verifier's logits with `target_probs`:
 
-  first token            ~ p1(a)
-  (first, second) tokens ~ p1(a) p2(b | a)
+  first token             ~ p1(a)
+  (second, third) tokens  ~ sum_a p1(a) p2(b | a) p3(c | a, b)
 
-With max_tokens=2 the first round verifies a single draft (a round commits at most drafts + 1
-tokens), so the second token comes from a correction or a bonus; with max_tokens=3 the first
-round verifies two drafts, so both tokens can come from accepted drafts or a rejection at
-either position. A negative control shows the same check rejects the drafter's own q.
+A session's first round verifies no drafts (the drafter prefills the prompt beside the
+verifier, scheduler/speculation_loop.py), so it commits the first token; drafting starts with
+the second round. With max_tokens=3 that round verifies a single draft (a round commits at most
+drafts + 1 tokens), so the third token comes from a correction or a bonus; with max_tokens=4 it
+verifies two drafts, so both tokens can come from accepted drafts or a rejection at either
+position. A negative control shows the same check rejects the drafter's own q.
 """
 
 from __future__ import annotations
@@ -78,10 +80,12 @@ def last_logits(model: torch.nn.Module, contexts: list[list[int]]) -> torch.Tens
 
 
 def exact_distributions(verifier, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """p1 [V] and the joint p1(a) p2(b|a) [V, V]."""
+    """p1 [V] and the joint of the second and third tokens, sum_a p1(a) p2(b|a) p3(c|a,b) [V, V]."""
     p1 = target_probs(last_logits(verifier, [PROMPT])[0], params).double().numpy()
     p2 = target_probs(last_logits(verifier, [PROMPT + [a] for a in range(VOCAB)]), params).double().numpy()
-    return p1, p1[:, None] * p2
+    p3 = target_probs(last_logits(verifier, [PROMPT + [a, b] for a in range(VOCAB) for b in range(VOCAB)]),
+                      params).double().numpy().reshape(VOCAB, VOCAB, VOCAB)
+    return p1, np.einsum("a,ab,abc->bc", p1, p2, p3)
 
 
 def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
@@ -108,7 +112,7 @@ def sample(engine: Engine, params: SamplingParams, max_tokens: int, num_samples:
     return outs
 
 
-@pytest.mark.parametrize("draft_length, max_tokens", [(2, 2), (3, 3)])
+@pytest.mark.parametrize("draft_length, max_tokens", [(2, 3), (3, 4)])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_engine_output_follows_the_verifier_distribution(verifier, drafter_model, setting, draft_length, max_tokens):
     params = SETTINGS[setting]
@@ -122,18 +126,18 @@ def test_engine_output_follows_the_verifier_distribution(verifier, drafter_model
     first = np.bincount([o.token_ids[0] for o in outs], minlength=VOCAB)
     pairs = np.zeros((VOCAB, VOCAB))
     for o in outs:
-        pairs[o.token_ids[0], o.token_ids[1]] += 1
+        pairs[o.token_ids[1], o.token_ids[2]] += 1
     first_pvalue = chi2_pvalue(first, p1)
     joint_pvalue = chi2_pvalue(pairs, joint)
     assert first_pvalue > PVALUE_OK, f"first token: p-value {first_pvalue:.2e}, counts {first.tolist()}"
-    assert joint_pvalue > PVALUE_OK, f"(first, second): p-value {joint_pvalue:.2e}"
+    assert joint_pvalue > PVALUE_OK, f"(second, third): p-value {joint_pvalue:.2e}"
 
     # The machinery was exercised: drafts were both accepted and rejected ...
     drafted = sum(o.stats.drafted_tokens for o in outs)
     accepted = sum(o.stats.accepted_tokens for o in outs)
     assert 0.1 < accepted / drafted < 0.9, (accepted, drafted)
     first_round = Counter(len(o.stats.accepted_by_position) for o in outs)
-    if max_tokens == 3:  # ... at both positions of a two-draft round
+    if max_tokens == 4:  # ... at both positions of a two-draft round
         assert first_round[2] > 0 and first_round[1] > 0 and first_round[0] > 0, first_round
 
     # Negative control: the drafter's own q is far from p, and this check would say so.
