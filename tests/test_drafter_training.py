@@ -362,42 +362,48 @@ def test_reduced_vocabulary_drafter_keeps_greedy_output_exact_and_sends_token_id
 
 def test_reduced_vocabulary_drafter_keeps_sampled_output_distribution():
     """The engine's sampled output follows the verifier even though the drafter can propose only
-    6 of 10 tokens (the other 4 come only from corrections and bonus tokens); chi-square over
-    20k seeded samples of two tokens, the same check as tests/test_sampling_distribution_engine.py."""
+    6 of 10 tokens (the other 4 come only from corrections and bonus tokens): chi-square over
+    20k seeded samples, as in tests/test_sampling_distribution_engine.py, of the first token and
+    of the (second, third) pair, which drafts decide whichever round drafting starts in."""
     from tests.test_sampling_distribution_engine import (
-        BATCH, MAX_CONTEXT, NUM_SAMPLES, PVALUE_OK, VOCAB, _tiny, chi2_pvalue, exact_distributions, sample)
+        BATCH, MAX_CONTEXT, NUM_SAMPLES, PROMPT, PVALUE_OK, VOCAB, _tiny, chi2_pvalue, last_logits, sample)
+    from specmesh.distributions import target_probs
 
     verifier, drafter_model = _tiny(seed=1, head_scale=8.0), _tiny(seed=7, head_scale=8.0)
     ids = [3, 8, 0, 5, 1, 9]
     restrict_vocabulary(drafter_model, ids)
-    config = EngineConfig(num_slots=BATCH, max_context=MAX_CONTEXT, draft_length=3)
-    drafter = ModelDrafter(ModelRunner(drafter_model, BATCH, MAX_CONTEXT), draft_top_k=config.draft_top_k)
-    engine = Engine(verifier, None, drafter, config, stop_token_ids=[])
     params = SamplingParams(temperature=1.0)
-    p1, joint = exact_distributions(verifier, params)
-    outs = sample(engine, params, 2, NUM_SAMPLES, first_seed=77_000_000)
-    first = np.bincount([o.token_ids[0] for o in outs], minlength=VOCAB)
-    pairs = np.zeros((VOCAB, VOCAB))
-    for o in outs:
-        pairs[o.token_ids[0], o.token_ids[1]] += 1
+    p1 = target_probs(last_logits(verifier, [PROMPT])[0], params).double().numpy()
+    p2 = target_probs(last_logits(verifier, [PROMPT + [a] for a in range(VOCAB)]), params).double().numpy()
+    p3 = target_probs(last_logits(verifier, [PROMPT + [a, b] for a in range(VOCAB) for b in range(VOCAB)]),
+                      params).double().numpy().reshape(VOCAB, VOCAB, VOCAB)
+    joint23 = np.einsum("a,ab,abc->bc", p1, p2, p3)
+
+    def run(drafter: ModelDrafter, count: int, first_seed: int):
+        config = EngineConfig(num_slots=BATCH, max_context=MAX_CONTEXT, draft_length=3)
+        engine = Engine(verifier, None, drafter, config, stop_token_ids=[])
+        outs = sample(engine, params, 4, count, first_seed)
+        pairs = np.zeros((VOCAB, VOCAB))
+        for o in outs:
+            pairs[o.token_ids[1], o.token_ids[2]] += 1
+        return outs, np.bincount([o.token_ids[0] for o in outs], minlength=VOCAB), pairs
+
+    drafter = ModelDrafter(ModelRunner(drafter_model, BATCH, MAX_CONTEXT), draft_top_k=8)
+    outs, first, pairs = run(drafter, NUM_SAMPLES, 77_000_000)
     assert chi2_pvalue(first, p1) > PVALUE_OK, first.tolist()
-    assert chi2_pvalue(pairs, joint) > PVALUE_OK
+    assert chi2_pvalue(pairs, joint23) > PVALUE_OK
     outside = [t for t in range(VOCAB) if t not in ids]
-    assert first[outside].sum() > 0  # tokens the drafter cannot propose still come out, at their rate
+    assert pairs[:, outside].sum() > 0  # tokens the drafter cannot propose still come out, at their rate
     accepted = sum(o.stats.accepted_tokens for o in outs)
     assert 0.05 < accepted / sum(o.stats.drafted_tokens for o in outs) < 0.95
     # Negative control: the drafted token mapped to its id but q left over row indices (q then
     # misstates the probability of what was drafted): the same check fails.
-    broken = ModelDrafter(ModelRunner(drafter_model, BATCH, MAX_CONTEXT), draft_top_k=config.draft_top_k)
+    broken = ModelDrafter(ModelRunner(drafter_model, BATCH, MAX_CONTEXT), draft_top_k=8)
     broken.draft_token_ids = None
     unmapped_pick = broken._pick
     broken._pick = lambda logits, paths: [(ids[t], c, q) for t, c, q in unmapped_pick(logits, paths)]
-    broken_engine = Engine(verifier, None, broken, config, stop_token_ids=[])
-    bad = sample(broken_engine, params, 2, 4000, first_seed=78_000_000)
-    bad_pairs = np.zeros((VOCAB, VOCAB))
-    for o in bad:
-        bad_pairs[o.token_ids[0], o.token_ids[1]] += 1
-    assert chi2_pvalue(bad_pairs, joint) < PVALUE_OK
+    _, _, bad_pairs = run(broken, 4000, 78_000_000)
+    assert chi2_pvalue(bad_pairs, joint23) < PVALUE_OK
 
 
 def test_builtin_prompts_are_varied_and_never_the_bench_prompts():
