@@ -176,18 +176,25 @@ def padded_cost(model: torch.nn.Module, shapes: list[tuple[int, int]], *, slots:
         del runner
 
 
-def hf_generate(model: torch.nn.Module, batch: int, new_tokens: int, prompt_length: int, device: torch.device) -> dict:
-    """Plain HF transformers `generate` (greedy), the baseline a user would run: ms per step."""
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, prompt_length), device=device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+def _timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, device: torch.device,
+                    **extra) -> tuple[torch.Tensor, float]:
+    """A short warm-up, then one timed greedy HF `generate` of new_tokens tokens (no EOS stops it;
+    no min_new_tokens either: HF hands generation arguments on to an assistant's own generate,
+    where a minimum length would defeat drafting)."""
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+        model.generate(ids, max_new_tokens=4, **kwargs)
         sync(device)
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        out = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
         sync(device)
-    seconds = time.perf_counter() - start
+    return out, time.perf_counter() - start
+
+
+def hf_generate(model: torch.nn.Module, batch: int, new_tokens: int, prompt_length: int, device: torch.device) -> dict:
+    """Plain HF transformers `generate` (greedy), the baseline a user would run: ms per step."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_length), device=device)
+    out, seconds = _timed_generate(model, ids, new_tokens, device)
     generated = out.shape[1] - prompt_length
     return {"batch": batch, "new_tokens": generated, "ms_per_step": 1000 * seconds / generated,
             "aggregate_tokens_per_s": batch * generated / seconds}
@@ -200,17 +207,8 @@ def hf_assisted(model: torch.nn.Module, assistant: torch.nn.Module, new_tokens: 
     equals plain greedy `generate`."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_length), generator=generator).to(device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
-    # No min_new_tokens (no EOS stops it anyway): HF hands generation arguments on to the
-    # assistant's own generate, where a minimum length would defeat drafting.
-    with torch.inference_mode():
-        plain = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
-        model.generate(ids, assistant_model=assistant, max_new_tokens=8, **kwargs)
-        sync(device)
-        start = time.perf_counter()
-        out = model.generate(ids, assistant_model=assistant, max_new_tokens=new_tokens, **kwargs)
-        sync(device)
-    seconds = time.perf_counter() - start
+    plain, _ = _timed_generate(model, ids, new_tokens, device)
+    out, seconds = _timed_generate(model, ids, new_tokens, device, assistant_model=assistant)
     generated = out.shape[1] - prompt_length
     with torch.inference_mode():  # how often the assistant's own greedy choice is the verifier's
         logits = assistant(plain[:, :-1]).logits[0, prompt_length - 1:]
