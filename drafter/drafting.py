@@ -28,7 +28,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from specmesh.distributions import draft_distribution, greedy_draft_distributions, make_generator
+from specmesh.distributions import draft_distribution, greedy_drafts, make_generator
 from specmesh.errors import InvalidRequestError
 from specmesh.model_runner import ForwardRequest, ModelRunner
 from specmesh.records import DraftChunk, DraftRequest, SparseDistribution
@@ -306,7 +306,7 @@ class ModelDrafter:
         greedy = [b for b, path in enumerate(paths) if path.params is not None and path.params.greedy]
         if greedy:
             rows = logits if len(greedy) == len(paths) else logits[greedy]
-            for b, pick in zip(greedy, greedy_draft_distributions(rows, self.draft_top_k)):
+            for b, pick in zip(greedy, greedy_drafts(rows)):
                 picks[b] = pick
         for b, path in enumerate(paths):
             if picks[b] is None:

@@ -42,7 +42,7 @@ from drafter.config import DrafterConfig  # noqa: E402
 from drafter.controlled_acceptance import ControlledAcceptanceDrafter  # noqa: E402
 from drafter.server import start_drafter  # noqa: E402
 from specmesh import fused_ops  # noqa: E402
-from specmesh.distributions import greedy_draft_distributions  # noqa: E402
+from specmesh.distributions import greedy_drafts  # noqa: E402
 from specmesh.model_runner import ForwardRequest, ModelRunner  # noqa: E402
 from verifier.config import VerifierConfig  # noqa: E402
 from verifier.server import start_verifier  # noqa: E402
@@ -134,7 +134,7 @@ def time_forwards(runner: ModelRunner, sessions: int, q: int, *, context: int, r
             if drafter_top_k is None:
                 logits.argmax(dim=-1).tolist()
             else:
-                greedy_draft_distributions(logits, drafter_top_k)
+                greedy_drafts(logits)
             elapsed = time.perf_counter() - start
             for s in slots:
                 cache.truncate(s, context)

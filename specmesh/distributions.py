@@ -76,15 +76,10 @@ def draft_distribution(
     Returns (token, confidence, q). When sampling, the token is drawn from q itself — the
     temperature-scaled distribution truncated to the top draft_top_k tokens (and the request's
     top-k/top-p) — so the sparse q sent to the verifier is the true q and verification stays
-    lossless. When greedy, the token is the argmax and q is informative only.
+    lossless. When greedy, see `greedy_drafts`.
     """
     if params.greedy:
-        full = logits.float().softmax(dim=-1)
-        top = torch.topk(full, min(draft_top_k, full.shape[-1]))
-        token = int(top.indices[0].item())
-        q_probs = top.values / top.values.sum()
-        confidence = float(top.values[0].item())
-        return token, confidence, SparseDistribution(tuple(top.indices.tolist()), tuple(q_probs.tolist()))
+        return greedy_drafts(logits.reshape(1, -1))[0]
     k = draft_top_k if params.top_k <= 0 else min(draft_top_k, params.top_k)
     k = min(k, logits.shape[-1])
     scaled = logits.float() / params.temperature
@@ -100,21 +95,16 @@ def draft_distribution(
     return token, confidence, SparseDistribution(tuple(token_ids.tolist()), tuple(q_probs.tolist()))
 
 
-def greedy_draft_distributions(logits: torch.Tensor, draft_top_k: int) -> list[tuple[int, float, SparseDistribution]]:
-    """`draft_distribution` for greedy rows, for a whole batch at once. logits: [B, V].
+def greedy_drafts(logits: torch.Tensor) -> list[tuple[int, float, SparseDistribution]]:
+    """Greedy draft tokens for a batch of rows. logits: [B, V].
 
-    One softmax and one top-k over the batch and ONE device-to-host transfer (ids, q and
-    confidence packed together; ids are exact in float64), instead of several per row.
+    Each row's token is its argmax, its confidence the draft model's probability of it, and its
+    q the point mass on it: exactly what greedy drafting draws from (greedy verification never
+    reads q). One softmax-max over the batch and ONE device-to-host transfer (ids exact in
+    float64); no top-k and no per-row distribution to build, on the drafter's critical path.
     """
     if logits.shape[0] == 0:
         return []
-    full = logits.float().softmax(dim=-1)
-    top = torch.topk(full, min(draft_top_k, full.shape[-1]), dim=-1)
-    q_probs = top.values / top.values.sum(dim=-1, keepdim=True)
-    k = q_probs.shape[-1]
-    packed = torch.cat([top.indices.double(), q_probs.double(), top.values[:, :1].double()], dim=-1).tolist()
-    out = []
-    for row in packed:
-        ids = tuple(int(i) for i in row[:k])
-        out.append((ids[0], row[2 * k], SparseDistribution(ids, tuple(row[k: 2 * k]))))
-    return out
+    best = logits.float().softmax(dim=-1).max(dim=-1)
+    packed = torch.stack([best.indices.double(), best.values.double()], dim=-1).tolist()
+    return [(int(token), confidence, SparseDistribution((int(token),), (1.0,))) for token, confidence in packed]
