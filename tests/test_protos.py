@@ -129,9 +129,10 @@ def test_internal_messages_have_contract_fields() -> None:
     assert {"session_id", "status", "accepted_count", "next_token", "logprobs",
             "num_cached_tokens", "cache_miss"} <= _names(verifier_pb2.VerifyResult)
     assert {"session_id", "sequence", "status", "base_length", "tokens", "confidences",
-            "distributions", "last"} <= _names(drafter_pb2.DraftChunk)
+            "distributions", "last", "batch"} <= _names(drafter_pb2.DraftChunk)
     assert [f.name for f in drafter_pb2.DraftRequest.DESCRIPTOR.oneofs_by_name["kind"].fields] == [
-        "sync", "release"]
+        "sync", "release", "sync_batch"]
+    assert {"syncs"} == _names(drafter_pb2.DraftSyncBatch)
     assert {"request_id", "prompt_token_ids", "sampling", "max_tokens", "stop_token_ids",
             "disable_speculation", "max_draft_tokens", "logprobs"} <= _names(scheduler_pb2.ScheduleRequest)
     assert {"temperature", "top_p", "top_k", "seed", "has_seed"} == _names(common_pb2.SamplingParams)
