@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 from specmesh import metrics, telemetry
 from specmesh.batch_window import wait_for_company
 from specmesh.errors import CapacityError, InvalidRequestError, SpecmeshError
+from specmesh.model_runner import model_thread_initializer
 from specmesh.records import DraftChunk, DraftRequest
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ class DraftWorker:
         self._queued_syncs: collections.Counter[str] = collections.Counter()
         self._ahead: dict[str, int] = {}  # session -> ahead tokens still to draft
         self._wakeup = asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-model")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="drafter-model", initializer=model_thread_initializer(core))
         self._task: asyncio.Task | None = None
         self._closed = False
         self._in_flight = 0

@@ -359,8 +359,11 @@ async def main_async(args) -> dict:
     verifier_model = build_model(TINY_VERIFIER if tiny else LLAMA3_8B, 0, str(device), dtype, decisive=True)
     # The drafter agrees with the verifier (same permutation): HF assisted generation can use it
     # as its assistant; the services' controlled-acceptance drafter overrides its proposals.
-    drafter_model = build_model(TINY_DRAFTER if tiny else DRAFTER, 1, str(device), dtype, decisive=True,
-                                permutation=verifier_model.permutation)
+    # --drafter-device cuda:1: the drafter on a GPU of its own, as deployed (two GPUs, one process).
+    drafter_device = torch.device(args.drafter_device) if args.drafter_device else device
+    meta["drafter_device"] = str(drafter_device)
+    drafter_model = build_model(TINY_DRAFTER if tiny else DRAFTER, 1, str(drafter_device), dtype, decisive=True,
+                                permutation=verifier_model.permutation.to(drafter_device))
     # The services' drafter: the same weights with a draft vocabulary (FR-Spec / EAGLE-3: an LM
     # head over the K most frequent tokens; what `specmesh train-drafter` ships), or the same
     # model when --draft-vocab is 0. Its proposals come from controlled acceptance either way;
@@ -369,8 +372,8 @@ async def main_async(args) -> dict:
     if args.draft_vocab > 0:
         from specmesh.drafter_training.model import restrict_vocabulary
 
-        service_drafter_model = build_model(TINY_DRAFTER if tiny else DRAFTER, 1, str(device), dtype, decisive=True,
-                                            permutation=verifier_model.permutation)
+        service_drafter_model = build_model(TINY_DRAFTER if tiny else DRAFTER, 1, str(drafter_device), dtype,
+                                            decisive=True, permutation=drafter_model.permutation)
         vocab = service_drafter_model.config.vocab_size
         restrict_vocabulary(service_drafter_model, list(range(min(args.draft_vocab, vocab // 2 if tiny else vocab))))
     meta["verifier_params_b"] = sum(p.numel() for p in verifier_model.parameters()) / 1e9
@@ -396,7 +399,8 @@ async def main_async(args) -> dict:
     drafter = await start_drafter(
         DrafterConfig(model="controlled-acceptance", num_slots=slots, max_context=max_context,
                       draft_ahead_tokens=0, batch_wait_ms=1.0, max_draft_tokens=16, idle_ttl_s=0,
-                      dtype="float32" if tiny else "bfloat16", device=device.type, profile_batch_sizes=(1, 16, 64)),
+                      dtype="float32" if tiny else "bfloat16", device=str(drafter_device),
+                      profile_batch_sizes=(1, 16, 64)),
         drafter_core=drafter_core)
     meta["services_start_s"] = time.perf_counter() - t0
     result["verifier_profile_ms"] = [(b, 1000 * s) for b, s in verifier.profile.cost_table]
@@ -441,8 +445,9 @@ async def main_async(args) -> dict:
             out["verifier_cost_padded_layout"] = padded_cost(verifier_model, [(1, 1), (16, 4), (64, 4)], slots=64,
                                                              max_context=max_context, context=context, reps=reps)
             out["hf_generate"] = [hf_generate(verifier_model, b, 8 if tiny else 32, 128, device) for b in (1, 16)]
-            out["hf_assisted"] = hf_assisted(verifier_model, drafter_model, 32 if tiny else args.max_tokens, 96,
-                                             device)
+            if drafter_device == device:  # HF wants the assistant on the model's device
+                out["hf_assisted"] = hf_assisted(verifier_model, drafter_model, 32 if tiny else args.max_tokens, 96,
+                                                 device)
         return out
 
     try:
@@ -671,7 +676,7 @@ def table(result: dict) -> str:
                      f"{check['argmax_agreement']:.1%}, {check['graph_forwards']} graph forwards")
     lines.append(f"device: {meta['device']}  torch {meta['torch']}  transformers {meta['transformers']}  "
                  f"verifier {meta['verifier_params_b']:.2f}B  drafter {meta['drafter_params_b']:.2f}B  "
-                 f"c = {result['cost_ratio_c']:.3f}")
+                 f"c = {result['cost_ratio_c']:.3f}  drafter on {meta.get('drafter_device', 'the same device')}")
     curve = result["verifier_cost"]
     lines.append("verifier ms/forward by batch tokens (sessions x tokens): " + ", ".join(
         f"{r['sessions']}x{r['tokens_per_session']}={r['ms']:.2f}" + (f" (eager {r['ms_eager']:.1f})" if "ms_eager" in r else "")
@@ -737,6 +742,8 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.6,0.8,0.9,1.0")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-draft-tokens", type=int, default=8)
+    parser.add_argument("--drafter-device", default="",
+                        help="put the drafter on this device (e.g. cuda:1: a GPU of its own); default: the verifier's")
     parser.add_argument("--draft-vocab", type=int, default=32768,
                         help="the services' drafter drafts from this many tokens (0: its full vocabulary)")
     parser.add_argument("--lanes", type=int, default=1,

@@ -122,7 +122,10 @@ class GraphCache:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other services' threads keep running forwards while this one captures.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        # A capture stream of this runner's device: torch's default one is created once, on
+        # whichever device was current, and a drafter and a verifier may share a process on two
+        # GPUs.
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
             self._step(inputs, key, logits)
         return graph
 

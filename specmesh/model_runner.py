@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,6 +46,17 @@ def _cache_argument_name(module: torch.nn.Module) -> str:
     # transformers 5.2x renamed the forward argument `past_key_values` to `cache`.
     parameters = inspect.signature(module.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def model_thread_initializer(core) -> Callable[[], None] | None:
+    """For the one worker thread that runs a service's model: make the model's GPU the thread's
+    current device, so anything that defaults to the current device (kernels, streams, graph
+    capture) lands on the model's GPU when it is not GPU 0. None when there is nothing to do."""
+    runner = getattr(core, "runner", None)
+    device = getattr(runner, "device", None)
+    if device is None or device.type != "cuda" or device.index is None:
+        return None
+    return lambda: torch.cuda.set_device(device)
 
 
 class ModelRunner:

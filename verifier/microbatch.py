@@ -37,6 +37,7 @@ from opentelemetry import trace
 from specmesh import metrics, telemetry
 from specmesh.batch_window import wait_for_company
 from specmesh.errors import SpecmeshError
+from specmesh.model_runner import model_thread_initializer
 from specmesh.records import VerifyItem, VerifyResult
 from verifier.call_validation import RefusedItem, validate_call
 from verifier.verification import VerifierCore
@@ -112,7 +113,8 @@ class VerifyBatcher:
         # One forward can hold at most one session per KV slot (else allocation would fail
         # for everybody in the pass).
         self.max_batch_sessions = max_batch_sessions or core.runner.cache.num_slots
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-forward")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="verifier-forward", initializer=model_thread_initializer(core))
         self._queue: collections.deque[_Call] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
