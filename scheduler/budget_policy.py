@@ -39,7 +39,7 @@ from scheduler.calibration import CalibrationConfig, CalibrationTable, observati
 from scheduler.calibration_store import CalibrationStore
 from scheduler.cost_model import CostProfile, CostProfileSource, StaticCostProfiles
 from scheduler.draft_policy import RoundOutcome
-from scheduler.round_timing import Ewma, LinearFit
+from scheduler.round_timing import LinearFit
 from scheduler.session import Session
 from specmesh.records import DraftChunk
 
@@ -204,7 +204,10 @@ class AdaptiveBudgetPolicy:
         half_life = self.config.timing_half_life_s
         self.draft_cost = LinearFit(half_life)  # seconds of drafting vs draft steps
         self.verify_cost = LinearFit(half_life)  # seconds of a verify round vs B (no profile)
-        self.verify_overhead = Ewma(half_life)  # round seconds beyond the profile's forward time
+        # Round seconds beyond the profile's forward time, as a function of B: the start-up profile
+        # times a bare forward, while a round's marginal verified token also costs per-token work
+        # in both services (on the H200 at 64 sessions ~85 us a token against the profile's 24).
+        self.verify_overhead = LinearFit(half_life)
         self.last_plan: BatchPlan | None = None
         # Timing marks of rounds in progress, keyed by the round's session ids.
         self._draft_marks: dict[frozenset[str], tuple[float, int]] = {}
@@ -231,8 +234,11 @@ class AdaptiveBudgetPolicy:
         the profile and measurements looked up once (the greedy calls it per candidate)."""
         profile = self.cost_profiles.profile(self.verifier)
         if profile is not None:
-            overhead = max(self.verify_overhead.mean(), 0.0)
-            return lambda batch_tokens: profile.forward_seconds(batch_tokens) + overhead
+            fit = self.verify_overhead.coefficients(self.clock())
+            if fit is None:
+                return profile.forward_seconds
+            intercept, slope = fit
+            return lambda batch_tokens: profile.forward_seconds(batch_tokens) + intercept + slope * batch_tokens
         coefficients = self.verify_cost.coefficients(self.clock())
         if coefficients is None or coefficients[0] + coefficients[1] <= 0:
             return lambda batch_tokens: _UNKNOWN_FORWARD_SECONDS
@@ -276,8 +282,12 @@ class AdaptiveBudgetPolicy:
         except Exception:  # noqa: BLE001 - fall back to a rule that ignores the drafted tokens
             self._warn_once("verify_lengths")
             lengths = {s.session_id: n for s, n in zip(sessions, available)}
-        if self.config.measure_timing:
-            self._verify_marks[key] = (self.clock(), self._base_tokens(sessions) + sum(lengths.values()))
+        base_tokens = self._base_tokens(sessions)
+        # Timed only when every session feeds one committed token: the plan is for decode
+        # rounds, and a round that also prefills (new sessions, re-prefills) costs what prompts
+        # cost, which would bend the fit of B against seconds.
+        if self.config.measure_timing and base_tokens == len(sessions):
+            self._verify_marks[key] = (self.clock(), base_tokens + sum(lengths.values()))
             self._trim(self._verify_marks)
         return lengths
 
@@ -288,7 +298,7 @@ class AdaptiveBudgetPolicy:
             seconds, batch_tokens = now - mark[0], mark[1]
             profile = self.cost_profiles.profile(self.verifier)
             if profile is not None:
-                self.verify_overhead.add(max(seconds - profile.forward_seconds(batch_tokens), 0.0), now)
+                self.verify_overhead.add(batch_tokens, max(seconds - profile.forward_seconds(batch_tokens), 0.0), now)
             else:
                 self.verify_cost.add(batch_tokens, seconds, now)
         try:

@@ -72,25 +72,3 @@ class LinearFit:
             return None
         intercept, slope = coefficients
         return intercept + slope * x
-
-
-@dataclass
-class Ewma:
-    half_life_s: float = 30.0
-    as_of: float = 0.0
-    weight: float = 0.0
-    total: float = 0.0
-
-    def add(self, value: float, now: float) -> None:
-        if not math.isfinite(value):
-            return
-        if now > self.as_of:
-            factor = math.pow(0.5, (now - self.as_of) / self.half_life_s)
-            self.weight *= factor
-            self.total *= factor
-            self.as_of = now
-        self.weight += 1.0
-        self.total += value
-
-    def mean(self, default: float = 0.0) -> float:
-        return self.total / self.weight if self.weight > 0 else default

@@ -483,3 +483,23 @@ def test_a_marginal_predicted_gain_does_not_draft():
     # A clear gain still drafts.
     k, _ = choose_draft_length(caps, [0.9, 0.81, 0.73, 0.66], 64, seconds, min_speedup=1.05)
     assert k >= 2
+
+
+def test_verify_overhead_that_grows_with_batch_tokens_shortens_drafts():
+    """The start-up profile times a bare forward; what rounds really cost beyond it is fitted
+    against B, so a per-token overhead (Python per verified token in both services) makes long
+    drafts cost what they do, and the plan shortens them."""
+    profile = CostProfile.linear(0.010, 0.00002)  # 10 ms + 20 us a token: drafts look cheap
+    store = warmed_store({b: 0.8 for b in range(CalibrationConfig().num_buckets)})
+    sessions = make_sessions(64)
+
+    def longest_draft(seconds_per_token: float) -> int:
+        planner = policy(store, profile)
+        now = planner.clock()
+        for batch_tokens in (64, 128, 192, 256, 320, 384):
+            planner.verify_overhead.add(batch_tokens, 0.002 + seconds_per_token * batch_tokens, now)
+        return max(planner.draft_lengths(sessions, CONTEXT).values())
+
+    constant, growing = longest_draft(0.0), longest_draft(0.00015)
+    assert growing < constant, (growing, constant)
+    assert growing >= 1  # still worth drafting, only less
