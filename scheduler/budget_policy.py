@@ -207,7 +207,9 @@ class AdaptiveBudgetPolicy:
         # Round seconds beyond the profile's forward time, as a function of B: the start-up profile
         # times a bare forward, while a round's marginal verified token also costs per-token work
         # in both services (on the H200 at 64 sessions ~85 us a token against the profile's 24).
-        self.verify_overhead = LinearFit(half_life)
+        # Without spread in B (every round the same shape) it is a constant: a per-token slope is
+        # believed only once rounds of different B (other draft lengths, exploration) show it.
+        self.verify_overhead = LinearFit(half_life, without_spread="intercept")
         self.last_plan: BatchPlan | None = None
         # Timing marks of rounds in progress, keyed by the round's session ids.
         self._draft_marks: dict[frozenset[str], tuple[float, int]] = {}
@@ -270,7 +272,10 @@ class AdaptiveBudgetPolicy:
                        draft_lengths: dict[str, int]) -> dict[str, int]:
         key = self._round_key(sessions)
         mark = self._draft_marks.pop(key, None)
-        if mark is not None and mark[1] > 0 and chunks:  # no chunks at all: the drafter failed
+        # No chunks at all: the drafter failed. An exploration round is not timed either: it
+        # drafts for sessions whose drafter state went stale while drafting was off, so it
+        # mostly times their catch-up prefill, and a fit that believed it would never draft again.
+        if mark is not None and mark[1] > 0 and chunks and not self._exploring:
             self.draft_cost.add(mark[1], self.clock() - mark[0], self.clock())
         available = []
         for s in sessions:

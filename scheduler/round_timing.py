@@ -4,7 +4,9 @@ The verifier's profile gives the shape of its forward cost; what a round costs e
 also includes RPCs, serialisation and, above all, drafting (on the critical path unless drafted
 ahead). `LinearFit` keeps an exponentially decayed least-squares fit y ~ intercept + slope * x
 of such measurements (x = draft steps or batch tokens, y = seconds). With too little spread in
-x it attributes everything to the slope (a conservative marginal cost). Its weight decays with
+x it attributes everything to the slope (a conservative marginal cost), or, with
+`without_spread="intercept"`, to the intercept (a constant: for a correction whose marginal
+part must be seen, not assumed). Its weight decays with
 time, so a fit that stopped receiving data (e.g. drafting switched off because it looked too
 expensive) fades and the policy tries again.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 class LinearFit:
     half_life_s: float = 30.0
     min_weight: float = 3.0  # below this (decayed) weight the fit does not speak
+    without_spread: str = "slope"  # where y goes when x hardly varies: "slope" or "intercept"
     as_of: float = 0.0
     weight: float = 0.0
     sum_x: float = 0.0
@@ -54,13 +57,16 @@ class LinearFit:
         mean_x = self.sum_x / self.weight
         mean_y = self.sum_y / self.weight
         var_x = self.sum_xx / self.weight - mean_x * mean_x
-        if var_x > 1e-6 * max(1.0, mean_x * mean_x):
+        spread = var_x > 1e-6 * max(1.0, mean_x * mean_x)
+        if spread:
             slope = (self.sum_xy / self.weight - mean_x * mean_y) / var_x
             intercept = mean_y - slope * mean_x
             if slope >= 0 and intercept >= 0:
                 return intercept, slope
             if slope < 0:  # noise: cost does not fall with size
                 return mean_y, 0.0
+        elif self.without_spread == "intercept":
+            return mean_y, 0.0
         # Through the origin: all cost is marginal.
         if self.sum_xx <= 0:
             return mean_y, 0.0

@@ -503,3 +503,19 @@ def test_verify_overhead_that_grows_with_batch_tokens_shortens_drafts():
     constant, growing = longest_draft(0.0), longest_draft(0.00015)
     assert growing < constant, (growing, constant)
     assert growing >= 1  # still worth drafting, only less
+
+
+def test_round_timing_fit_without_spread_puts_the_cost_where_it_is_told():
+    from scheduler.round_timing import LinearFit
+
+    marginal, constant = LinearFit(), LinearFit(without_spread="intercept")
+    for fit in (marginal, constant):
+        for _ in range(5):
+            fit.add(4, 0.020, now=0.0)
+    assert marginal.coefficients(0.0) == pytest.approx((0.0, 0.005))  # draft steps: conservative
+    assert constant.coefficients(0.0) == pytest.approx((0.020, 0.0))  # overhead: seen, not assumed
+    for fit in (marginal, constant):  # with spread both see the same line
+        for x in (1, 2, 8):
+            fit.add(x, 0.010 + 0.0025 * x, now=0.0)
+    a, b = marginal.coefficients(0.0)
+    assert b > 0 and constant.coefficients(0.0) == pytest.approx((a, b))
