@@ -60,6 +60,7 @@ async def start_drafter(config: DrafterConfig, *, drafter_core: Any = None, toke
         raise
     worker.start()
     servicer.attach(worker, profile)
+    service.on_drain(servicer.finish_streams)
     service.on_stop(worker.close)
     serve_metrics_for(service, config.metrics_port, config.host)
     await service.set_serving()

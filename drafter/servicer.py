@@ -22,10 +22,16 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     def __init__(self) -> None:
         self._worker: DraftWorker | None = None
         self._profile: DrafterProfile | None = None
+        self._streams: set[DraftStream] = set()
 
     def attach(self, worker: DraftWorker, profile: DrafterProfile) -> None:
         """Called once the model is loaded; until then calls answer UNAVAILABLE."""
         self._worker, self._profile = worker, profile
+
+    def finish_streams(self) -> None:
+        """Shutting down: every open Draft stream answers what it was sent, then ends (OK)."""
+        for stream in list(self._streams):
+            stream.end_of_input()
 
     def _ready(self) -> tuple[DraftWorker, DrafterProfile]:
         if self._worker is None or self._profile is None:
@@ -36,6 +42,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                     context: aio.ServicerContext) -> AsyncIterator[drafter_pb2.DraftChunk]:
         worker, _ = self._ready()
         stream = DraftStream(worker)
+        self._streams.add(stream)
 
         async def read_requests() -> None:
             try:
@@ -51,6 +58,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             async for answer in stream.answers():
                 yield convert.answer_to_proto(answer)
         finally:
+            self._streams.discard(stream)
             stream.close()
             reader.cancel()
 

@@ -65,6 +65,7 @@ class GrpcService:
         self.grace_s = grace_s
         self._stopped = asyncio.Event()
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._on_drain: list[Callable[[], None]] = []
 
     @property
     def address(self) -> str:
@@ -72,6 +73,12 @@ class GrpcService:
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._on_stop.append(callback)
+
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        """Called when stopping begins, before the drain: a service with long-lived streams
+        ends them here (after answering what they hold), or they would run into the grace
+        period's end and be cancelled."""
+        self._on_drain.append(callback)
 
     async def start(self) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -98,6 +105,8 @@ class GrpcService:
         self._stopped.set()
         log.info("stopping: health NOT_SERVING, draining for up to %.1f s", self.grace_s)
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for drain in self._on_drain:
+            drain()
         await self.server.stop(self.grace_s)
         for callback in self._on_stop:
             await callback()

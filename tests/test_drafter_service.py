@@ -359,6 +359,24 @@ async def test_bad_request_fails_alone() -> None:
         assert "x" not in running.core.slots
 
 
+async def test_stopping_ends_open_streams_cleanly_without_waiting_out_the_grace_period() -> None:
+    running = await start_drafter(_config(grace_s=10.0), drafter_core=CountingDrafter(),
+                                  tokenizer=make_tiny_tokenizer(VOCAB))
+    channel = insecure_channel(running.address)
+    try:
+        stream = Stream(drafter_pb2_grpc.DrafterStub(channel))
+        sequence = await stream.send(_request("a", 0, PROMPTS["a"], 2))
+        assert (await stream.answer(sequence)).status == common_pb2.SESSION_STATUS_OK
+        started = time.monotonic()
+        await running.stop()
+        assert time.monotonic() - started < 5.0  # the open stream did not hold the drain for 10 s
+        assert await asyncio.wait_for(stream.call.read(), 5.0) is grpc.aio.EOF
+        assert await stream.call.code() == grpc.StatusCode.OK  # ended, not cancelled
+    finally:
+        await channel.close()
+        await running.stop()
+
+
 async def test_closed_stream_keeps_sessions_and_the_server_healthy() -> None:
     reference = CountingDrafter()
     async with _serving(batch_wait_ms=300.0) as (running, stub):
