@@ -157,10 +157,7 @@ class PackedForward:
         host = torch.from_numpy(self.host_inputs(requests, cached, lengths, key))
         inputs = host.pin_memory().to(runner.device, non_blocking=True) if on_cuda else host
         hidden = self.run(inputs, key).index_select(0, inputs[6 * key.tokens: 6 * key.tokens + num_logits])
-        logits = runner.lm_head(hidden).float()
-        if runner._softcap:
-            logits = torch.tanh(logits / runner._softcap) * runner._softcap
-        return logits
+        return runner.head_logits(hidden)
 
     def capture(self, shapes: Sequence[tuple[int, int]], read_lengths: Sequence[int]) -> int:
         """Capture now (start-up) the graphs for these (flat tokens, sessions) shapes and read

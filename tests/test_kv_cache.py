@@ -365,3 +365,19 @@ def test_graph_buckets_match_full_forward(model):
             done[slot] = start + n
     assert runner.packed.num_graph_forwards > 0
     assert runner.packed.num_eager_forwards == 0
+
+
+def test_cpu_head_runs_two_or_three_rows_as_four_with_the_same_logits():
+    """ModelRunner.head_logits pads 2-3 rows to 4 on CPU (a faster kernel path); the logits of
+    the real rows are those of the unpadded head."""
+    from specmesh.model_runner import ModelRunner
+    from tests.tiny_models import make_tiny_llama
+
+    runner = ModelRunner(make_tiny_llama(64, seed=3), 2, 32)
+    hidden = torch.randn(3, runner.lm_head.weight.shape[1])
+    for rows in (1, 2, 3):
+        expected = runner.lm_head(hidden[:rows]).float()
+        got = runner.head_logits(hidden[:rows])
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(dim=-1), expected.argmax(dim=-1))
