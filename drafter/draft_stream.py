@@ -2,8 +2,9 @@
 
 The scheduler multiplexes its sessions over one long-lived stream. Each sync is answered by
 exactly one chunk (last = true) tagged with the sync's sequence number; a batch of syncs (one
-scheduler round) by one answer holding an outcome per sync; releases are not answered. Requests are handed to the shared DraftWorker in the order they arrive, which
-batches them with every other open stream's and keeps a stream's requests in order.
+scheduler round) by one answer holding an outcome per sync; releases are not answered.
+Requests are handed to the shared DraftWorker in the order they arrive, which batches them
+with every other open stream's and keeps a stream's requests in order.
 
 Closing a stream (the scheduler went away or reconnects) drops its unanswered work but no
 session state: sessions belong to the scheduler, which may resume them on another stream, and

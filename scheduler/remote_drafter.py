@@ -1,9 +1,10 @@
 """A drafter replica over gRPC: one bidirectional Draft stream per scheduler connection.
 
 A round's syncs are written as one message (DraftSyncBatch) with an increasing sequence number;
-a reader task collects the answer (one chunk holding an answer per sync). A broken stream fails every pending sync with BackendUnavailable and is
-reopened on next use. Drafts are optional: a slow answer is abandoned after a timeout and the
-round proceeds without drafts for those sessions.
+a reader task collects the answer (one chunk holding an answer per sync). A broken stream fails
+every pending sync with BackendUnavailable and is reopened on next use. Drafts are optional: a
+slow answer is abandoned after a timeout and the round proceeds without drafts for those
+sessions.
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ class SpeculationLoop:
                 lengths = {**lengths, **{s.session_id: 0 for s in cold}}
             chunks = await self._draft(sessions, lengths, record)
             if cold and self.drafter is not None:
-                prefill = asyncio.ensure_future(self._draft(cold, {s.session_id: 1 for s in cold}, None, prefill=True))
+                prefill = asyncio.ensure_future(self._draft(cold, {s.session_id: 1 for s in cold}))
             record.drafted(lengths, chunks)
             verify_lengths = self.policy.verify_lengths(sessions, chunks, lengths)
             items = [s.verify_item(chunks.get(s.session_id), verify_lengths.get(s.session_id, 0)) for s in sessions]
@@ -256,10 +256,8 @@ class SpeculationLoop:
         await self.policy.observe(outcomes)
 
     async def _draft(self, sessions: Sequence[Session], lengths: dict[str, int],
-                     record: RoundTrace | None = None, prefill: bool = False) -> dict[str, DraftChunk]:
-        """prefill: bring these sessions' drafter state up to date (drafting what lengths say)
-        although none of their drafts will be verified this round."""
-        wanted = list(sessions) if prefill else [s for s in sessions if lengths[s.session_id] > 0]
+                     record: RoundTrace | None = None) -> dict[str, DraftChunk]:
+        wanted = [s for s in sessions if lengths[s.session_id] > 0]
         if self.drafter is None or not wanted:
             return {}
         requests = [s.draft_request(lengths[s.session_id]) for s in wanted]

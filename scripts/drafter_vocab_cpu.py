@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from specmesh.drafter_refs import parse_drafter_ref
-from specmesh.drafter_training.data import Sample, sample_generations
+from specmesh.drafter_training.data import sample_generations
 from specmesh.drafter_training.evaluate import teacher_forced_metrics
 from specmesh.drafter_training.export import load_trained_drafter, set_draft_vocabulary
 from specmesh.drafter_training.model import frequency_ranked_vocabulary, restrict_vocabulary
