@@ -326,6 +326,11 @@ def train_drafter(
     draft_vocab: int | None = typer.Option(None, "--draft-vocab", help="Draft from the K tokens the verifier "
                                            "generates most often (0: the whole vocabulary; default: 8192 for "
                                            "vocabularies of 32k tokens or more, else the whole vocabulary)."),
+    data_share: float = typer.Option(0.5, "--data-share", help="Share of --minutes spent generating data."),
+    data_temperature: float = typer.Option(0.7, "--data-temperature", help="Temperature of the sampled data."),
+    greedy_pass: bool = typer.Option(True, "--greedy-pass/--no-greedy-pass",
+                                     help="Generate the first pass over the prompts greedily (the text greedy "
+                                          "serving drafts on); the rest is sampled."),
     seed: int = typer.Option(0, help="Seed of the data split, sampling and initialisation."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -337,7 +342,8 @@ def train_drafter(
 
     options = TrainOptions(num_layers=layers, hidden_size=hidden, minutes=minutes, device=device,
                            prompts_file=prompts, max_data_tokens=max_data_tokens, seed=seed,
-                           draft_vocab=draft_vocab)
+                           draft_vocab=draft_vocab, data_share=data_share, temperature=data_temperature,
+                           greedy_pass=greedy_pass)
     try:
         report = run_train_drafter(verifier, out, options)
     except (SpecmeshError, ValueError) as error:

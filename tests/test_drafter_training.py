@@ -451,3 +451,31 @@ def test_set_draft_vocabulary_restricts_an_exported_full_vocabulary_drafter(work
         assert torch.allclose(loaded.model(ids).logits[0, -1], full[[7, 3, 11, 2]], atol=0.05)
     set_draft_vocabulary(directory, None)
     assert draft_token_ids(load_trained_drafter(directory, verifier_model=verifier).model) is None
+
+
+def test_first_data_pass_is_the_verifiers_greedy_text_and_the_rest_is_sampled(workspace):
+    from specmesh.drafter_training.train import gather_data
+
+    verifier, tokenizer = workspace["verifier"], workspace["tokenizer"]
+    options = TrainOptions(num_layers=1, prompts_file=str(workspace["prompts"]), max_new_tokens=8,
+                           samples_per_prompt=3, held_out_fraction=0.2, generation_batch_size=16)
+    train, _, stats = gather_data(verifier, tokenizer, options, deadline=float("inf"))
+    greedy_count = stats["greedy_pass_samples"]
+    assert greedy_count == stats["train_prompts"] == 48 and len(train) == 3 * greedy_count
+
+    def greedy(prompt: tuple[int, ...]) -> list[int]:
+        ids = torch.tensor([list(prompt)])
+        out = verifier.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=8, pad_token_id=0)
+        return out[0, ids.shape[1]:].tolist()
+
+    for sample in train[:6]:  # the greedy pass: exactly what greedy decoding of the prompt gives
+        completion = list(sample.tokens[sample.prompt_length:])
+        assert completion == greedy(sample.tokens[:sample.prompt_length])[:len(completion)]
+    sampled = [s for s in train[greedy_count:] if list(s.tokens[s.prompt_length:])
+               != greedy(s.tokens[:s.prompt_length])[:s.num_completion_tokens]]
+    assert len(sampled) > greedy_count // 2  # later passes are sampled at temperature 0.7
+
+    no_greedy = TrainOptions(num_layers=1, prompts_file=str(workspace["prompts"]), max_new_tokens=8,
+                             samples_per_prompt=1, held_out_fraction=0.2, generation_batch_size=16, greedy_pass=False)
+    assert gather_data(verifier, tokenizer, no_greedy, deadline=float("inf"))[2]["greedy_pass_samples"] == 0

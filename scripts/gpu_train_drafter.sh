@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Retrain the shipped SmolLM2 drafter on the device machine (one 10-minute call).
+#
+# The verifier's GGUF (98 MB) does not travel in one call with the working tree (64 MiB per
+# call), so it goes in three parts (`split -n 3 -d FILE gg.`), one per call, each copied to
+# $PARTS by the calls before this one while the machine stays warm:
+#   call 1: cp .gpu_drafter/p1/gg.00 /tmp/gguf_parts/   (carry .gpu_drafter/p1)
+#   call 2: cp .gpu_drafter/p2/gg.01 /tmp/gguf_parts/   (carry .gpu_drafter/p2)
+#   call 3: bash scripts/gpu_train_drafter.sh           (carry .gpu_drafter/p3 .gpu_drafter/whl)
+# The gguf reader travels as a wheel (.gpu_drafter/whl). Output: $OUT/drafter (the exported
+# directory) and $OUT/train.log.
+set -euo pipefail
+PARTS=${PARTS:-/tmp/gguf_parts}
+MINUTES=${MINUTES:-7}
+mkdir -p "$PARTS/model"
+cp .gpu_drafter/p3/gg.02 "$PARTS/" 2>/dev/null || true
+cat "$PARTS/gg.00" "$PARTS/gg.01" "$PARTS/gg.02" > "$PARTS/model/SmolLM2-135M-Instruct.Q4_1.gguf"
+md5sum "$PARTS/model/SmolLM2-135M-Instruct.Q4_1.gguf"   # a1231443440b107ff29f02bdb38c9d0a
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu_drafter/whl/*.whl .whl/*.whl 2>&1 | tail -2 || true
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.used --format=csv
+time python3 -m specmesh.cli train-drafter \
+    --verifier "$PARTS/model/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$OUT/drafter" \
+    --layers 2 --minutes "$MINUTES" --device cuda --data-share 0.4 2>&1 | tee "$OUT/train.log" | grep -v "━" | tail -40
