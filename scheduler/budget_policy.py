@@ -39,7 +39,7 @@ from scheduler.calibration import CalibrationConfig, CalibrationTable, observati
 from scheduler.calibration_store import CalibrationStore
 from scheduler.cost_model import CostProfile, CostProfileSource, StaticCostProfiles
 from scheduler.draft_policy import RoundOutcome
-from scheduler.round_timing import LinearFit
+from scheduler.round_timing import LinearFit, LoadBucketedFit
 from scheduler.session import Session
 from specmesh.records import DraftChunk
 
@@ -83,6 +83,12 @@ class BudgetConfig:
     # model is measured and noisy; a marginal predicted gain was a loss in practice (GPU bench:
     # acceptance 0.6 at 64 sessions, a predicted +3.5% measured 0.92x aggregate).
     min_speedup: float = 1.05
+    # One planned round in this many drafts one token fewer than the plan (two when the plan is
+    # one). The cost fits need rounds of different lengths to tell a step's marginal cost from
+    # the round's fixed cost; a policy that always drafts the same length never shows them the
+    # difference (GPU bench, 16-64 sessions: the fixed part was priced as free per-token work and
+    # drafts ran 5-6 tokens where 4 was faster). Decided before drafting: lossless. 0: never.
+    dither_every_rounds: int = 4
 
 
 @dataclass(frozen=True)
@@ -202,14 +208,15 @@ class AdaptiveBudgetPolicy:
         self.config = config or BudgetConfig()
         self.clock = clock
         half_life = self.config.timing_half_life_s
-        self.draft_cost = LinearFit(half_life)  # seconds of drafting vs draft steps
-        self.verify_cost = LinearFit(half_life)  # seconds of a verify round vs B (no profile)
+        # Each fit is kept per load (sessions in the round): a step's cost depends on it.
+        self.draft_cost = LoadBucketedFit(half_life)  # seconds of drafting vs draft steps
+        self.verify_cost = LoadBucketedFit(half_life)  # seconds of a verify round vs B (no profile)
         # Round seconds beyond the profile's forward time, as a function of B: the start-up profile
         # times a bare forward, while a round's marginal verified token also costs per-token work
         # in both services (on the H200 at 64 sessions ~85 us a token against the profile's 24).
         # Without spread in B (every round the same shape) it is a constant: a per-token slope is
         # believed only once rounds of different B (other draft lengths, exploration) show it.
-        self.verify_overhead = LinearFit(half_life, without_spread="intercept")
+        self.verify_overhead = LoadBucketedFit(half_life, without_spread="intercept")
         self.last_plan: BatchPlan | None = None
         # Timing marks of rounds in progress, keyed by the round's session ids.
         self._draft_marks: dict[frozenset[str], tuple[float, int]] = {}
@@ -231,25 +238,27 @@ class AdaptiveBudgetPolicy:
                                     verifier=verifier, config=self.config, clock=self.clock)
 
     # ---- costs -------------------------------------------------------------------------------
-    def verify_seconds_fn(self) -> Callable[[int], float]:
-        """Seconds of one verify round as a function of B (profile + measured overhead), with
-        the profile and measurements looked up once (the greedy calls it per candidate)."""
+    def verify_seconds_fn(self, sessions: int) -> Callable[[int], float]:
+        """Seconds of one verify round of `sessions` sessions as a function of B (profile +
+        measured overhead), with the profile and measurements looked up once (the greedy calls
+        it per candidate)."""
         profile = self.cost_profiles.profile(self.verifier)
         if profile is not None:
-            fit = self.verify_overhead.coefficients(self.clock())
+            fit = self.verify_overhead.coefficients(sessions, self.clock())
             if fit is None:
                 return profile.forward_seconds
             intercept, slope = fit
             return lambda batch_tokens: profile.forward_seconds(batch_tokens) + intercept + slope * batch_tokens
-        coefficients = self.verify_cost.coefficients(self.clock())
+        coefficients = self.verify_cost.coefficients(sessions, self.clock())
         if coefficients is None or coefficients[0] + coefficients[1] <= 0:
             return lambda batch_tokens: _UNKNOWN_FORWARD_SECONDS
         intercept, slope = coefficients
         return lambda batch_tokens: max(intercept + slope * batch_tokens, 1e-6)
 
-    def draft_seconds_fn(self) -> Callable[[int], float]:
-        """Seconds of drafting `steps` tokens on the round's critical path (measured)."""
-        coefficients = self.draft_cost.coefficients(self.clock()) if self.config.measure_timing else None
+    def draft_seconds_fn(self, sessions: int) -> Callable[[int], float]:
+        """Seconds of drafting `steps` tokens for `sessions` sessions on the round's critical
+        path (measured)."""
+        coefficients = self.draft_cost.coefficients(sessions, self.clock()) if self.config.measure_timing else None
         if coefficients is None:
             return lambda steps: 0.0
         intercept, slope = coefficients
@@ -276,7 +285,7 @@ class AdaptiveBudgetPolicy:
         # drafts for sessions whose drafter state went stale while drafting was off, so it
         # mostly times their catch-up prefill, and a fit that believed it would never draft again.
         if mark is not None and mark[1] > 0 and chunks and not self._exploring:
-            self.draft_cost.add(mark[1], self.clock() - mark[0], self.clock())
+            self.draft_cost.add(len(sessions), mark[1], self.clock() - mark[0], self.clock())
         available = []
         for s in sessions:
             chunk = chunks.get(s.session_id)
@@ -300,12 +309,13 @@ class AdaptiveBudgetPolicy:
         now = self.clock()
         mark = self._verify_marks.pop(frozenset(o.item.session_id for o in outcomes), None)
         if mark is not None:
-            seconds, batch_tokens = now - mark[0], mark[1]
+            seconds, batch_tokens, sessions = now - mark[0], mark[1], len(outcomes)
             profile = self.cost_profiles.profile(self.verifier)
             if profile is not None:
-                self.verify_overhead.add(batch_tokens, max(seconds - profile.forward_seconds(batch_tokens), 0.0), now)
+                self.verify_overhead.add(sessions, batch_tokens,
+                                         max(seconds - profile.forward_seconds(batch_tokens), 0.0), now)
             else:
-                self.verify_cost.add(batch_tokens, seconds, now)
+                self.verify_cost.add(sessions, batch_tokens, seconds, now)
         try:
             observations = observations_from(outcomes, self.calibration_config)
             await self.calibration.record(self.model_pair, observations)
@@ -381,17 +391,27 @@ class AdaptiveBudgetPolicy:
                 lengths = {sid: (k if sid in chosen else 0) for sid, k in lengths.items()}
             return lengths
         survival = survival_curve(table.position_acceptances(longest))
-        verify_seconds, draft_seconds = self.verify_seconds_fn(), self.draft_seconds_fn()
+        verify_seconds, draft_seconds = self.verify_seconds_fn(len(sessions)), self.draft_seconds_fn(len(sessions))
         k, _ = choose_draft_length(caps, survival, self._base_tokens(sessions),
                                    lambda b, steps: verify_seconds(b) + draft_seconds(steps), self.config.min_speedup)
         self._back_off_exploration(k > 0)
         self._explored_last_round = False
+        k = self._dithered(k, longest)
         return {s.session_id: min(k, cap) for s, cap in zip(sessions, caps)}
+
+    def _dithered(self, k: int, longest: int) -> int:
+        """k, or one token fewer (two when k is 1) in one planned round of dither_every_rounds."""
+        every = self.config.dither_every_rounds
+        if k <= 0 or every <= 0 or self._rounds_planned % every:
+            return k
+        if k >= 2:
+            return k - 1
+        return 2 if longest >= 2 else k
 
     def _plan_verification(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
                            available: list[int]) -> dict[str, int]:
         base_tokens = self._base_tokens(sessions)
-        seconds = self.verify_seconds_fn()
+        seconds = self.verify_seconds_fn(len(sessions))
         if not any(available):
             self.last_plan = BatchPlan({s.session_id: 0 for s in sessions}, float(len(sessions)), base_tokens,
                                        seconds(base_tokens))

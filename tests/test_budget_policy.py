@@ -497,7 +497,7 @@ def test_verify_overhead_that_grows_with_batch_tokens_shortens_drafts():
         planner = policy(store, profile)
         now = planner.clock()
         for batch_tokens in (64, 128, 192, 256, 320, 384):
-            planner.verify_overhead.add(batch_tokens, 0.002 + seconds_per_token * batch_tokens, now)
+            planner.verify_overhead.add(64, batch_tokens, 0.002 + seconds_per_token * batch_tokens, now)
         return max(planner.draft_lengths(sessions, CONTEXT).values())
 
     constant, growing = longest_draft(0.0), longest_draft(0.00015)
@@ -519,3 +519,126 @@ def test_round_timing_fit_without_spread_puts_the_cost_where_it_is_told():
             fit.add(x, 0.010 + 0.0025 * x, now=0.0)
     a, b = marginal.coefficients(0.0)
     assert b > 0 and constant.coefficients(0.0) == pytest.approx((a, b))
+
+
+def test_load_bucketed_fit_keeps_each_load_apart_and_borrows_the_nearest():
+    from scheduler.round_timing import LoadBucketedFit, load_bucket
+
+    assert [load_bucket(n) for n in (1, 2, 3, 4, 7, 8, 64, 127)] == [0, 1, 1, 2, 2, 3, 6, 6]
+    fit = LoadBucketedFit()
+    assert fit.coefficients(1, 0.0) is None
+    for steps in (1, 2, 3, 4):
+        fit.add(1, steps, 0.001 + 0.001 * steps, now=0.0)
+        fit.add(64, steps, 0.002 + 0.003 * steps, now=0.0)
+    assert fit.coefficients(1, 0.0) == pytest.approx((0.001, 0.001))
+    assert fit.coefficients(64, 0.0) == pytest.approx((0.002, 0.003))
+    assert fit.coefficients(48, 0.0) == pytest.approx((0.002, 0.003))  # same bucket (32-63 is next to 64)
+    assert fit.coefficients(2, 0.0) == pytest.approx((0.001, 0.001))  # nearest: 1
+    assert fit.coefficients(512, 0.0) == pytest.approx((0.002, 0.003))  # nearest: 64
+
+
+async def test_drafts_are_sized_by_what_steps_cost_at_the_rounds_own_load():
+    """A drafter step costs 1.2 ms for one session and 3.5 ms for 64 (and the verifier's
+    per-token work beyond its bare forward is 40 us). After many light rounds and fewer busy
+    ones, as in a benchmark that runs concurrency 1 before 64, the busy rounds draft the length
+    that is best at their own load, not one priced with the light rounds' step cost (one fit
+    pooled over both loads drafts 4 here, against a best of 2)."""
+    now = [0.0]
+    profile = CostProfile.linear(0.008, 0.000025)
+    store = warmed_store({b: 0.8 for b in range(CalibrationConfig().num_buckets)}, volume=1e7)
+    p = AdaptiveBudgetPolicy(store, profile, PAIR, 8, clock=lambda: now[0],
+                             config=BudgetConfig(explore_draft_tokens=0, min_speedup=1.0))
+
+    def step_seconds(n: int) -> float:
+        return 0.0012 if n == 1 else 0.0035
+
+    def verify_seconds(batch_tokens: int) -> float:
+        return profile.forward_seconds(batch_tokens) + 0.0015 + 0.00004 * batch_tokens
+
+    async def run(sessions: list[Session], rounds: int) -> list[int]:
+        chosen = []
+        for _ in range(rounds):
+            lengths = p.draft_lengths(sessions, CONTEXT)
+            k = max(lengths.values())
+            chosen.append(k)
+            now[0] += 0.0008 + step_seconds(len(sessions)) * k if k else 0.0
+            chunks = make_chunks(sessions, [0.8] * k) if k else {}
+            verify = p.verify_lengths(sessions, chunks, lengths)
+            now[0] += verify_seconds(len(sessions) + sum(verify.values()))
+            await p.observe([RoundOutcome(chunks.get(s.session_id), s.verify_item(chunks.get(s.session_id),
+                                                                                   verify[s.session_id]),
+                                          VerifyResult(s.session_id, accepted_count=verify[s.session_id],
+                                                       next_token=1)) for s in sessions])
+        return chosen
+
+    light, busy = make_sessions(1), make_sessions(64)
+    await run(light, 400)
+    chosen = await run(busy, 120)
+    # (The same busy rounds alone, never dithered, keep drafting their first guess of 4:
+    # test_dithering_shows_the_fits_what_a_step_costs.)
+
+    def best(n: int) -> int:
+        survival = [0.8 ** (j + 1) for j in range(8)]
+        return choose_draft_length([8] * n, survival, n, lambda b, steps: verify_seconds(b) + (
+            0.0008 + step_seconds(n) * steps if steps else 0.0))[0]
+
+    assert best(64) < best(1)
+    settled = chosen[-40:]
+    assert max(set(settled), key=settled.count) == best(64), (settled, best(64))
+    assert min(settled) >= best(64) - 1 and max(settled) <= best(64) + 1
+    light_plan = [max(p.draft_lengths(light, CONTEXT).values()) for _ in range(8)]
+    assert max(set(light_plan), key=light_plan.count) >= best(1) - 1, (light_plan, best(1))
+
+
+def test_one_planned_round_in_four_drafts_one_token_fewer():
+    p = policy(warmed_store({b: 0.9 for b in range(CalibrationConfig().num_buckets)}), FLAT,
+               explore_draft_tokens=0, dither_every_rounds=4)
+    sessions = make_sessions(2)
+    plans = [max(p.draft_lengths(sessions, CONTEXT).values()) for _ in range(12)]
+    k = max(plans)
+    assert k >= 2 and sorted(set(plans)) == [k - 1, k]
+    assert [i for i, v in enumerate(plans) if v == k - 1] == [3, 7, 11]
+    steady = policy(warmed_store({b: 0.9 for b in range(CalibrationConfig().num_buckets)}), FLAT,
+                    explore_draft_tokens=0, dither_every_rounds=0)
+    assert {max(steady.draft_lengths(sessions, CONTEXT).values()) for _ in range(12)} == {k}
+
+
+@pytest.mark.parametrize("dither", [0, 4])
+async def test_dithering_shows_the_fits_what_a_step_costs(dither):
+    """64 sessions, a verifier whose per-token work beyond its bare forward is 40 us (the start-up
+    profile does not see it) and 3.5 ms a draft step. A policy that always drafts the same length
+    puts the whole overhead into a constant and keeps drafting 4; dithered rounds (one token
+    fewer, one round in four) show the fits the marginal cost and it settles on the best length."""
+    now = [0.0]
+    profile = CostProfile.linear(0.008, 0.000025)
+    store = warmed_store({b: 0.8 for b in range(CalibrationConfig().num_buckets)}, volume=1e7)
+    p = AdaptiveBudgetPolicy(store, profile, PAIR, 8, clock=lambda: now[0],
+                             config=BudgetConfig(explore_draft_tokens=0, min_speedup=1.0, dither_every_rounds=dither))
+
+    def verify_seconds(batch_tokens: int) -> float:
+        return profile.forward_seconds(batch_tokens) + 0.0015 + 0.00004 * batch_tokens
+
+    def draft_seconds(steps: int) -> float:
+        return 0.0008 + 0.0035 * steps if steps else 0.0
+
+    sessions, chosen = make_sessions(64), []
+    for _ in range(200):
+        lengths = p.draft_lengths(sessions, CONTEXT)
+        k = max(lengths.values())
+        chosen.append(k)
+        now[0] += draft_seconds(k)
+        chunks = make_chunks(sessions, [0.8] * k) if k else {}
+        verify = p.verify_lengths(sessions, chunks, lengths)
+        now[0] += verify_seconds(64 + sum(verify.values()))
+        await p.observe([RoundOutcome(chunks.get(s.session_id), s.verify_item(chunks.get(s.session_id),
+                                                                               verify[s.session_id]),
+                                      VerifyResult(s.session_id, accepted_count=verify[s.session_id], next_token=1))
+                         for s in sessions])
+    best = choose_draft_length([8] * 64, [0.8 ** (j + 1) for j in range(8)], 64,
+                               lambda b, steps: verify_seconds(b) + draft_seconds(steps))[0]
+    settled = chosen[-40:]
+    assert best == 2
+    if dither:
+        assert max(set(settled), key=settled.count) == best and set(settled) == {best - 1, best}
+    else:
+        assert set(settled) == {4}  # the failure dithering exists for
