@@ -89,6 +89,10 @@ class BudgetConfig:
     # difference (GPU bench, 16-64 sessions: the fixed part was priced as free per-token work and
     # drafts ran 5-6 tokens where 4 was faster). Decided before drafting: lossless. 0: never.
     dither_every_rounds: int = 4
+    # Draft cost is learned only from rounds whose drafting sessions hand the drafter at most this
+    # many tokens it has not seen (a steady round hands it 1-2: the bonus token and at most one
+    # more); see draft_lengths.
+    max_timed_catch_up: int = 2
 
 
 @dataclass(frozen=True)
@@ -273,18 +277,30 @@ class AdaptiveBudgetPolicy:
             self._warn_once("draft_lengths")
             lengths = {s.session_id: cap for s, cap in zip(sessions, caps)}
         if self.config.measure_timing:
-            self._draft_marks[self._round_key(sessions)] = (self.clock(), max(lengths.values(), default=0))
-            self._trim(self._draft_marks)
+            # Timed only when the drafter has nothing to catch up on: a session that did not
+            # draft for a while (drafting was off, or an exploration picked it) makes the call
+            # re-feed its history first, an eager forward several times a draft step (GPU bench:
+            # 33 ms against ~4 ms), and a fit of a few lengths apart is ruled by such outliers.
+            # A brand-new session does not count: the loop prefills it beside the verifier.
+            catch_up = max((len(s.tokens) - s.drafter_cached for s in sessions
+                            if lengths.get(s.session_id, 0) > 0 and not self._cold(s)), default=0)
+            if catch_up <= self.config.max_timed_catch_up:
+                self._draft_marks[self._round_key(sessions)] = (self.clock(), max(lengths.values(), default=0))
+                self._trim(self._draft_marks)
         return lengths
+
+    @staticmethod
+    def _cold(session: Session) -> bool:
+        """A session whose drafter holds nothing yet; its first round prefills the drafter
+        beside the verifier (SpeculationLoop.run_round), not in the draft call."""
+        return session.num_generated == 0 and session.drafter_cached == 0
 
     def verify_lengths(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
                        draft_lengths: dict[str, int]) -> dict[str, int]:
         key = self._round_key(sessions)
         mark = self._draft_marks.pop(key, None)
-        # No chunks at all: the drafter failed. An exploration round is not timed either: it
-        # drafts for sessions whose drafter state went stale while drafting was off, so it
-        # mostly times their catch-up prefill, and a fit that believed it would never draft again.
-        if mark is not None and mark[1] > 0 and chunks and not self._exploring:
+        # No chunks at all: the drafter failed (or only prefilled new sessions beside the verifier).
+        if mark is not None and mark[1] > 0 and chunks:
             self.draft_cost.add(len(sessions), mark[1], self.clock() - mark[0], self.clock())
         available = []
         for s in sessions:

@@ -642,3 +642,32 @@ async def test_dithering_shows_the_fits_what_a_step_costs(dither):
         assert max(set(settled), key=settled.count) == best and set(settled) == {best - 1, best}
     else:
         assert set(settled) == {4}  # the failure dithering exists for
+
+
+def test_a_round_whose_drafter_must_catch_up_is_not_timed():
+    """A session that did not draft for a while hands the drafter its missed tokens first (an
+    eager forward, several draft steps' worth); such a round is not what a steady draft step
+    costs, so it does not enter the draft-cost fit. A new session (prefilled beside the verifier
+    by the loop) does not stop a round from being timed."""
+    now = [0.0]
+    p = AdaptiveBudgetPolicy(warmed_store(), FLAT, PAIR, 8, clock=lambda: now[0],
+                             config=BudgetConfig(explore_draft_tokens=0))
+    steady, stale, new = make_sessions(3)
+    for s in (steady, stale):
+        s.tokens.extend(range(100, 140))
+        s.verifier_cached = len(s.tokens) - 1
+    steady.drafter_cached = len(steady.tokens) - 1
+    stale.drafter_cached = len(stale.tokens) - 30
+
+    def one_round(sessions):
+        lengths = p.draft_lengths(sessions, CONTEXT)
+        k = max(lengths.values())
+        now[0] += 0.030 if k else 0.0
+        p.verify_lengths(sessions, make_chunks(sessions, [0.9] * k) if k else {}, lengths)
+
+    for _ in range(5):
+        one_round([steady, stale])
+    assert p.draft_cost.fits == {}
+    for _ in range(5):
+        one_round([steady, new])
+    assert p.draft_cost.coefficients(2, now[0]) is not None
