@@ -223,7 +223,7 @@ class AdaptiveBudgetPolicy:
         self.verify_overhead = LoadBucketedFit(half_life, without_spread="intercept")
         self.last_plan: BatchPlan | None = None
         # Timing marks of rounds in progress, keyed by the round's session ids.
-        self._draft_marks: dict[frozenset[str], tuple[float, int]] = {}
+        self._draft_marks: dict[frozenset[str], tuple[float, int, int]] = {}  # (start, steps, drafting)
         self._verify_marks: dict[frozenset[str], tuple[float, int]] = {}
         self._warned = False
         # Exploration state (see BudgetConfig): rounds planned, rounds since the last re-check,
@@ -235,6 +235,7 @@ class AdaptiveBudgetPolicy:
         self._explorations = 0
         self._exploring = False
         self._explored_last_round = False
+        self._drafting = False  # whether the last plan (not an exploration) drafted
 
     def for_verifier(self, verifier: str) -> "AdaptiveBudgetPolicy":
         """A policy for one verifier's loop: same calibration and profiles, own cost curve."""
@@ -282,10 +283,12 @@ class AdaptiveBudgetPolicy:
             # re-feed its history first, an eager forward several times a draft step (GPU bench:
             # 33 ms against ~4 ms), and a fit of a few lengths apart is ruled by such outliers.
             # A brand-new session does not count: the loop prefills it beside the verifier.
-            catch_up = max((len(s.tokens) - s.drafter_cached for s in sessions
-                            if lengths.get(s.session_id, 0) > 0 and not self._cold(s)), default=0)
+            drafting = [s for s in sessions if lengths.get(s.session_id, 0) > 0 and not self._cold(s)]
+            catch_up = max((len(s.tokens) - s.drafter_cached for s in drafting), default=0)
             if catch_up <= self.config.max_timed_catch_up:
-                self._draft_marks[self._round_key(sessions)] = (self.clock(), max(lengths.values(), default=0))
+                # Keyed by the sessions that draft in the call: what a step costs depends on them.
+                self._draft_marks[self._round_key(sessions)] = (self.clock(), max(lengths.values(), default=0),
+                                                                len(drafting))
                 self._trim(self._draft_marks)
         return lengths
 
@@ -300,8 +303,8 @@ class AdaptiveBudgetPolicy:
         key = self._round_key(sessions)
         mark = self._draft_marks.pop(key, None)
         # No chunks at all: the drafter failed (or only prefilled new sessions beside the verifier).
-        if mark is not None and mark[1] > 0 and chunks:
-            self.draft_cost.add(len(sessions), mark[1], self.clock() - mark[0], self.clock())
+        if mark is not None and mark[1] > 0 and mark[2] > 0 and chunks:
+            self.draft_cost.add(mark[2], mark[1], self.clock() - mark[0], self.clock())
         available = []
         for s in sessions:
             chunk = chunks.get(s.session_id)
@@ -374,6 +377,12 @@ class AdaptiveBudgetPolicy:
         every = self.config.explore_every_rounds
         if every <= 0:
             return False
+        if self._drafting:
+            # Drafting rounds keep the table current; a re-check is for a drafter turned off.
+            # (Exploring while drafting put one round in 50 of a 64-session batch at 4 sessions
+            # drafting 2 tokens, the rest none, and fed the draft-cost fit such cheap rounds.)
+            self._rounds_since_explored = 0
+            return False
         self._rounds_since_explored += 1
         if self._rounds_since_explored < self._explore_interval:
             return False
@@ -407,11 +416,13 @@ class AdaptiveBudgetPolicy:
                 lengths = {sid: (k if sid in chosen else 0) for sid, k in lengths.items()}
             return lengths
         survival = survival_curve(table.position_acceptances(longest))
-        verify_seconds, draft_seconds = self.verify_seconds_fn(len(sessions)), self.draft_seconds_fn(len(sessions))
+        drafting = sum(1 for s, cap in zip(sessions, caps) if cap > 0 and not self._cold(s)) or len(sessions)
+        verify_seconds, draft_seconds = self.verify_seconds_fn(len(sessions)), self.draft_seconds_fn(drafting)
         k, _ = choose_draft_length(caps, survival, self._base_tokens(sessions),
                                    lambda b, steps: verify_seconds(b) + draft_seconds(steps), self.config.min_speedup)
         self._back_off_exploration(k > 0)
         self._explored_last_round = False
+        self._drafting = k > 0
         k = self._dithered(k, longest)
         return {s.session_id: min(k, cap) for s, cap in zip(sessions, caps)}
 

@@ -48,11 +48,12 @@ def test_learned_bad_drafter_is_rechecked_ever_less_often_until_it_pays_again():
     sessions = make_sessions(2)
     # Each re-check that still says no doubles the wait (10, 20, 40, then capped at 40).
     assert _explored_rounds(policy, sessions, 150) == [10, 30, 70, 110, 150]
-    # Drafting pays again: every round drafts, and the wait is back to 10 once it stops paying.
+    # Drafting pays again: every round drafts (none of them an exploration), and once it stops
+    # paying the first re-check comes 10 rounds later, then 20.
     _observe(store, 1.0, 1e6)
     assert _explored_rounds(policy, sessions, 5, start=151) == [151, 152, 153, 154, 155]
     _observe(store, 0.0, 1e9)
-    assert _explored_rounds(policy, sessions, 30, start=156) == [160, 180]
+    assert _explored_rounds(policy, sessions, 31, start=156) == [166, 186]
 
 
 def test_exploration_can_be_turned_off():
@@ -79,3 +80,14 @@ def test_a_periodic_recheck_explores_a_few_rotating_sessions_only():
     cold = AdaptiveBudgetPolicy(InMemoryCalibrationStore(), STEEP, PAIR, 8,
                                 config=BudgetConfig(measure_timing=False, explore_sessions=3))
     assert all(k == 2 for k in cold.draft_lengths(sessions, CONTEXT).values())
+
+
+def test_a_policy_that_drafts_does_not_interrupt_itself_to_explore():
+    """Re-checks are for a drafter turned off: while drafting pays, no round is handed to a few
+    sessions' short exploration drafts."""
+    policy = AdaptiveBudgetPolicy(store_with(0.9, 1000.0), CostProfile.flat(0.03), PAIR, 8,
+                                  config=BudgetConfig(measure_timing=False, explore_every_rounds=10,
+                                                      explore_sessions=3, dither_every_rounds=0))
+    sessions = make_sessions(8)
+    plans = [policy.draft_lengths(sessions, CONTEXT) for _ in range(60)]
+    assert all(len(set(plan.values())) == 1 and min(plan.values()) >= 4 for plan in plans)

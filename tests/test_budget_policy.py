@@ -36,6 +36,7 @@ def make_sessions(n: int, **kwargs) -> list[Session]:
     for i in range(n):
         s = Session(f"s{i}", [1, 2, 3, 4], SamplingParams(temperature=1.0, seed=i), max_tokens=200, **kwargs)
         s.verifier_cached = len(s.tokens) - 1  # steady state: one new committed token each
+        s.drafter_cached = len(s.tokens) - 1
         sessions.append(s)
     return sessions
 
@@ -658,6 +659,7 @@ def test_a_round_whose_drafter_must_catch_up_is_not_timed():
         s.verifier_cached = len(s.tokens) - 1
     steady.drafter_cached = len(steady.tokens) - 1
     stale.drafter_cached = len(stale.tokens) - 30
+    new.drafter_cached = 0  # its drafter holds nothing yet: the loop prefills it beside the verifier
 
     def one_round(sessions):
         lengths = p.draft_lengths(sessions, CONTEXT)
@@ -671,3 +673,20 @@ def test_a_round_whose_drafter_must_catch_up_is_not_timed():
     for _ in range(5):
         one_round([steady, new])
     assert p.draft_cost.coefficients(2, now[0]) is not None
+
+
+def test_draft_cost_is_kept_under_the_number_of_sessions_that_draft():
+    """A round of 64 sessions of which 4 draft (the others opted out, or an exploration picked 4)
+    costs the drafter what 4 sessions cost: it must not teach the 64-session fit that steps are cheap."""
+    now = [0.0]
+    p = AdaptiveBudgetPolicy(warmed_store(), FLAT, PAIR, 8, clock=lambda: now[0],
+                             config=BudgetConfig(explore_draft_tokens=0))
+    sessions = make_sessions(64)
+    for s in sessions[4:]:
+        s.disable_speculation = True
+    for _ in range(4):
+        lengths = p.draft_lengths(sessions, CONTEXT)
+        k = max(lengths.values())
+        now[0] += 0.004
+        p.verify_lengths(sessions, make_chunks(sessions, [0.9] * k), lengths)
+    assert set(p.draft_cost.fits) == {2}  # 4 sessions: bucket 4-7
