@@ -223,7 +223,8 @@ class AdaptiveBudgetPolicy:
         self.verify_overhead = LoadBucketedFit(half_life, without_spread="intercept")
         self.last_plan: BatchPlan | None = None
         # Timing marks of rounds in progress, keyed by the round's session ids.
-        self._draft_marks: dict[frozenset[str], tuple[float, int, int]] = {}  # (start, steps, drafting)
+        # (start, steps, sessions drafting, whether the draft-cost fit learns from it)
+        self._draft_marks: dict[frozenset[str], tuple[float, int, int, bool]] = {}
         self._verify_marks: dict[frozenset[str], tuple[float, int]] = {}
         self._warned = False
         # Exploration state (see BudgetConfig): rounds planned, rounds since the last re-check,
@@ -285,11 +286,11 @@ class AdaptiveBudgetPolicy:
             # A brand-new session does not count: the loop prefills it beside the verifier.
             drafting = [s for s in sessions if lengths.get(s.session_id, 0) > 0 and not self._cold(s)]
             catch_up = max((len(s.tokens) - s.drafter_cached for s in drafting), default=0)
-            if catch_up <= self.config.max_timed_catch_up:
-                # Keyed by the sessions that draft in the call: what a step costs depends on them.
-                self._draft_marks[self._round_key(sessions)] = (self.clock(), max(lengths.values(), default=0),
-                                                                len(drafting))
-                self._trim(self._draft_marks)
+            # Keyed by the sessions that draft in the call: what a step costs depends on them.
+            self._draft_marks[self._round_key(sessions)] = (self.clock(), max(lengths.values(), default=0),
+                                                            len(drafting),
+                                                            catch_up <= self.config.max_timed_catch_up)
+            self._trim(self._draft_marks)
         return lengths
 
     @staticmethod
@@ -302,16 +303,19 @@ class AdaptiveBudgetPolicy:
                        draft_lengths: dict[str, int]) -> dict[str, int]:
         key = self._round_key(sessions)
         mark = self._draft_marks.pop(key, None)
+        # The round's drafting is spent by now, but it is part of the round all the same: what
+        # verification maximises is committed tokens per second of the whole round.
+        drafted_seconds = self.clock() - mark[0] if mark is not None else 0.0
         # No chunks at all: the drafter failed (or only prefilled new sessions beside the verifier).
-        if mark is not None and mark[1] > 0 and mark[2] > 0 and chunks:
-            self.draft_cost.add(mark[2], mark[1], self.clock() - mark[0], self.clock())
+        if mark is not None and mark[1] > 0 and mark[2] > 0 and mark[3] and chunks:
+            self.draft_cost.add(mark[2], mark[1], drafted_seconds, self.clock())
         available = []
         for s in sessions:
             chunk = chunks.get(s.session_id)
             usable = 0 if chunk is None or chunk.cache_miss else len(chunk.tokens)
             available.append(min(usable, draft_lengths.get(s.session_id, 0), s.draft_limit(1 << 62)))
         try:
-            lengths = self._plan_verification(sessions, chunks, available)
+            lengths = self._plan_verification(sessions, chunks, available, drafted_seconds)
         except Exception:  # noqa: BLE001 - fall back to a rule that ignores the drafted tokens
             self._warn_once("verify_lengths")
             lengths = {s.session_id: n for s, n in zip(sessions, available)}
@@ -436,9 +440,14 @@ class AdaptiveBudgetPolicy:
         return 2 if longest >= 2 else k
 
     def _plan_verification(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
-                           available: list[int]) -> dict[str, int]:
+                           available: list[int], drafted_seconds: float = 0.0) -> dict[str, int]:
+        """drafted_seconds: what this round's drafting took. Counting it keeps verification from
+        throwing away drafts the round has already paid for where the verifier's curve has a
+        step (on a 2-core CPU one token is a matrix-vector product and two are a matrix product:
+        40 ms, then 60-70 ms for 2-8 tokens; the first draft alone looks like a loss)."""
         base_tokens = self._base_tokens(sessions)
-        seconds = self.verify_seconds_fn(len(sessions))
+        verify_seconds = self.verify_seconds_fn(len(sessions))
+        seconds = lambda batch_tokens: drafted_seconds + verify_seconds(batch_tokens)  # noqa: E731
         if not any(available):
             self.last_plan = BatchPlan({s.session_id: 0 for s in sessions}, float(len(sessions)), base_tokens,
                                        seconds(base_tokens))

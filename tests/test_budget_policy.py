@@ -690,3 +690,22 @@ def test_draft_cost_is_kept_under_the_number_of_sessions_that_draft():
         now[0] += 0.004
         p.verify_lengths(sessions, make_chunks(sessions, [0.9] * k), lengths)
     assert set(p.draft_cost.fits) == {2}  # 4 sessions: bucket 4-7
+
+
+@pytest.mark.parametrize("drafting_seconds", [0.0, 0.016])
+def test_verification_counts_the_rounds_drafting_time_and_gets_over_a_step_in_the_cost_curve(drafting_seconds):
+    """A 2-core CPU verifier: 40 ms for one token (a matrix-vector product), 62-70 ms for 2-8
+    (matrix products). Judged on the verify forward alone the first draft is a loss (1.5 tokens
+    per 62 ms against 1 per 40 ms), so 4 drafted tokens were all thrown away; the round has
+    already spent 16 ms drafting them, and per second of the whole round they pay."""
+    now = [0.0]
+    profile = CostProfile.from_table([(1, 0.040), (2, 0.062), (3, 0.066), (4, 0.066), (8, 0.070)])
+    store = warmed_store({b: 0.5 for b in range(CalibrationConfig().num_buckets)})
+    p = AdaptiveBudgetPolicy(store, profile, PAIR, 8, clock=lambda: now[0],
+                             config=BudgetConfig(explore_draft_tokens=0, dither_every_rounds=0))
+    sessions = make_sessions(1)
+    lengths = {"s0": 4}
+    p.draft_lengths(sessions, CONTEXT)  # marks the start of drafting
+    now[0] += drafting_seconds
+    verified = p.verify_lengths(sessions, make_chunks(sessions, [0.5] * 4), lengths)["s0"]
+    assert verified == (4 if drafting_seconds else 0)
