@@ -90,8 +90,8 @@ class BudgetConfig:
     # drafts ran 5-6 tokens where 4 was faster). Decided before drafting: lossless. 0: never.
     dither_every_rounds: int = 4
     # Draft cost is learned only from rounds whose drafting sessions hand the drafter at most this
-    # many tokens it has not seen (a steady round hands it 1-2: the bonus token and at most one
-    # more); see draft_lengths.
+    # many tokens it has not seen (Session.drafter_unseen: a steady round hands it 1, the token
+    # after its drafts); see draft_lengths.
     max_timed_catch_up: int = 2
 
 
@@ -270,6 +270,23 @@ class AdaptiveBudgetPolicy:
         intercept, slope = coefficients
         return lambda steps: intercept + slope * steps if steps > 0 else 0.0
 
+    def cost_fits(self) -> dict[str, dict[int, dict[str, float]]]:
+        """What the policy believes rounds cost, per load bucket (sessions 2^b to 2^(b+1) - 1):
+        the draft-cost fit (seconds = intercept + slope * steps) and the verify fit beyond the
+        profile (seconds = intercept + slope * batch tokens), with each fit's decayed weight.
+        For diagnosis (benchmarks, debugging a plan), not for the plan itself."""
+        now = self.clock()
+        out: dict[str, dict[int, dict[str, float]]] = {}
+        for name, fits in (("draft", self.draft_cost), ("verify_overhead", self.verify_overhead),
+                           ("verify", self.verify_cost)):
+            for bucket, fit in sorted(fits.fits.items()):
+                coefficients = fit.coefficients(now)
+                if coefficients is not None:
+                    out.setdefault(name, {})[bucket] = {"intercept_ms": round(1e3 * coefficients[0], 3),
+                                                        "slope_ms": round(1e3 * coefficients[1], 4),
+                                                        "weight": round(fit.weight, 1)}
+        return out
+
     # ---- DraftLengthPolicy -------------------------------------------------------------------
     def draft_lengths(self, sessions: Sequence[Session], context_limit: int) -> dict[str, int]:
         caps = [min(s.draft_limit(context_limit), self.max_draft_tokens) for s in sessions]
@@ -285,7 +302,7 @@ class AdaptiveBudgetPolicy:
             # 33 ms against ~4 ms), and a fit of a few lengths apart is ruled by such outliers.
             # A brand-new session does not count: the loop prefills it beside the verifier.
             drafting = [s for s in sessions if lengths.get(s.session_id, 0) > 0 and not self._cold(s)]
-            catch_up = max((len(s.tokens) - s.drafter_cached for s in drafting), default=0)
+            catch_up = max((s.drafter_unseen for s in drafting), default=0)
             # Keyed by the sessions that draft in the call: what a step costs depends on them.
             self._draft_marks[self._round_key(sessions)] = (self.clock(), max(lengths.values(), default=0),
                                                             len(drafting),

@@ -37,6 +37,11 @@ class Session:
     tokens: list[int] = field(default_factory=list)  # prompt + committed output
     verifier_cached: int = 0  # positions we believe the verifier holds
     drafter_cached: int = 0  # positions we believe the drafter holds
+    # Positions the drafter has seen: the prefix of its last chunk and the drafts in it. Over
+    # the wire drafter_cached is only the chunk's base (a safe lower bound), while the drafter
+    # also keeps whichever of its drafts a sync confirms, so what it must really catch up on is
+    # what lies beyond both (the adaptive policy times only drafting without catch-up).
+    drafter_seen: int = 0
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     finish_reason: str | None = None
 
@@ -47,6 +52,12 @@ class Session:
     @property
     def num_generated(self) -> int:
         return len(self.tokens) - len(self.prompt_tokens)
+
+    @property
+    def drafter_unseen(self) -> int:
+        """Committed tokens the drafter has neither been sent nor drafted itself: what it must
+        catch up on before drafting (1 after a round it drafted for, more after a pause)."""
+        return len(self.tokens) - max(self.drafter_cached, self.drafter_seen)
 
     @property
     def remaining(self) -> int:
@@ -92,6 +103,7 @@ class Session:
     def note_drafter_lost(self) -> None:
         """The drafter lost our state (miss, failure, move): resend the full history next time."""
         self.drafter_cached = 0
+        self.drafter_seen = 0
 
     def commit(self, item: VerifyItem, result: VerifyResult, chunk: DraftChunk | None) -> Commit:
         if result.cache_miss:
@@ -115,8 +127,9 @@ class Session:
         if chunk is not None and not chunk.cache_miss:
             # The drafter holds the committed prefix plus drafts; only confirmed ones stay valid.
             self.drafter_cached = min(chunk.num_cached_tokens, base + accepted)
+            self.drafter_seen = chunk.base_length + len(chunk.tokens)
         elif chunk is not None:
-            self.drafter_cached = 0
+            self.drafter_cached = self.drafter_seen = 0
         self.drafter_cached = min(self.drafter_cached, base + accepted)
         # Apply stop tokens and the length limit: the output is a prefix of what was verified.
         finish: str | None = None

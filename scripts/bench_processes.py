@@ -170,6 +170,15 @@ def _scheduler_child(connection, configs: dict) -> None:
             else:
                 budget_policy.AdaptiveBudgetPolicy._plan_drafts = plan_drafts
 
+        async def policy_fits(_) -> dict:
+            """Each adaptive scheduler's cost fits per verifier (what its plans believe)."""
+            out = {}
+            for name, running in schedulers.items():
+                for endpoint, loop in running.coordinator._loops.items():
+                    if hasattr(loop.policy, "cost_fits"):
+                        out[name] = loop.policy.cost_fits()
+            return out
+
         async def addresses(_) -> dict:
             return {name: s.address for name, s in schedulers.items()}
 
@@ -180,7 +189,8 @@ def _scheduler_child(connection, configs: dict) -> None:
             for s in schedulers.values():
                 await s.stop()
 
-        return {"addresses": addresses, "rounds": rounds, "explore": explore, "stop": stop}
+        return {"addresses": addresses, "rounds": rounds, "explore": explore, "policy_fits": policy_fits,
+                "stop": stop}
 
     _run_child(connection, make_handlers)
 

@@ -592,7 +592,9 @@ async def main_async(args) -> dict:
                             modes.setdefault(name, []).append(summary)
             if repeat == 0:
                 captured = graph_state()  # graphs captured after the warm-up show in graphs_at_end
-        level = {"concurrency": concurrency, "modes": {}, "graphs_at_start": captured, "graphs_at_end": graph_state()}
+        level = {"concurrency": concurrency, "modes": {}, "graphs_at_start": captured, "graphs_at_end": graph_state(),
+                 # What each adaptive scheduler's plans believe a round costs, per load bucket.
+                 "policy_fits": await schedulers.call("policy_fits", None)}
         for mode, slices in modes.items():
             level["modes"][mode] = merge(slices)
         base = level["modes"]["off"]
@@ -717,6 +719,16 @@ def table(result: dict) -> str:
             lines.append(f"{level['concurrency']:>4} {mode:>15} {s.get('sched_round_ms', 0):>6.1f} "
                          f"{s.get('sched_draft_call_ms', 0):>6.1f} {s.get('drafter_core_ms', 0):>6.1f} "
                          f"{s.get('sched_verify_call_ms', 0):>6.1f} {s.get('verifier_core_ms', 0):>6.1f}")
+    fitted = [(level["concurrency"], name, fits) for level in result.get("levels", [])
+              for name, fits in (level.get("policy_fits") or {}).items()]
+    if fitted:
+        lines.append("adaptive policy's fits at the level's own load (ms; draft: per call + per step; "
+                     "verify beyond profile: per round + per batch token):")
+        for concurrency, name, fits in fitted:
+            bucket = max(concurrency, 1).bit_length() - 1
+            draft, overhead = fits.get("draft", {}).get(bucket), fits.get("verify_overhead", {}).get(bucket)
+            describe = lambda f: f"{f['intercept_ms']:.2f} + {f['slope_ms']:.4f}x (w {f['weight']:.0f})" if f else "-"  # noqa: E731
+            lines.append(f"{concurrency:>4} scheduler {name:>6}: draft {describe(draft)}; verify {describe(overhead)}")
     if "hf_assisted" in result:
         hf = result["hf_assisted"]
         lines.append(f"HF assisted generation (batch 1, assistant = the drafter, agreeing on every greedy token): "

@@ -162,3 +162,28 @@ def test_failed_replica_is_retried_after_cooldown(cooldown):
     assert pool.live_endpoints() == []
     now[0] = 5.0 + cooldown
     assert pool.live_endpoints() == ["a:1"]
+
+
+def test_what_the_drafter_has_not_seen_stays_one_token_while_it_drafts_and_grows_in_a_pause():
+    """Over the wire a chunk only promises its base (num_cached_tokens = base_length), yet the
+    drafter keeps the drafts a sync confirms: after an all-accepted round it must catch up on one
+    token (the verifier's next), not on every accepted draft; rounds without drafting add up."""
+    session = make_session(max_tokens=40)
+    session.tokens = session.tokens + [9] * 10
+    session.verifier_cached = session.drafter_cached = session.drafter_seen = len(session.tokens) - 1
+    for accepted in (3, 0, 2):
+        base = len(session.tokens)
+        wire_chunk = DraftChunk(session.session_id, base, (1, 2, 3), (0.5,) * 3,
+                                tuple(SparseDistribution((t,), (1.0,)) for t in (1, 2, 3)), num_cached_tokens=base)
+        item = session.verify_item(wire_chunk, 3)
+        session.commit(item, VerifyResult("s", accepted_count=accepted, next_token=4, num_cached_tokens=base + accepted),
+                       wire_chunk)
+        assert session.drafter_unseen <= 1, accepted
+    before = session.drafter_unseen
+    for pause in range(1, 4):  # plain rounds: the drafter is not asked
+        item = session.verify_item(None, 0)
+        session.commit(item, VerifyResult("s", accepted_count=0, next_token=4, num_cached_tokens=len(session.tokens)),
+                       None)
+        assert session.drafter_unseen == before + pause
+    session.note_drafter_lost()
+    assert session.drafter_unseen == len(session.tokens)
