@@ -119,10 +119,3 @@ class LoadBucketedFit:
             if coefficients is not None:
                 return coefficients
         return None
-
-    def predict(self, sessions: int, x: float, now: float) -> float | None:
-        coefficients = self.coefficients(sessions, now)
-        if coefficients is None:
-            return None
-        intercept, slope = coefficients
-        return intercept + slope * x
