@@ -7,8 +7,9 @@
 #   call 1: cp .gpu_drafter/p1/gg.00 /tmp/gguf_parts/   (carry .gpu_drafter/p1)
 #   call 2: cp .gpu_drafter/p2/gg.01 /tmp/gguf_parts/   (carry .gpu_drafter/p2)
 #   call 3: bash scripts/gpu_train_drafter.sh           (carry .gpu_drafter/p3 .gpu_drafter/whl)
-# The gguf reader travels as a wheel (.gpu_drafter/whl). Output: $OUT/drafter (the exported
-# directory) and $OUT/train.log.
+# The gguf reader travels as a wheel (.gpu_drafter/whl). Output: $OUT/drafter.tgz, the exported
+# directory and train.log as one archive (a call brings back only a limited number of files: the
+# export's weights were left behind when it was written to $OUT file by file).
 set -euo pipefail
 PARTS=${PARTS:-/tmp/gguf_parts}
 MINUTES=${MINUTES:-7}
@@ -20,6 +21,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     .gpu_drafter/whl/*.whl .whl/*.whl 2>&1 | tail -2 || true
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.used --format=csv
+WORK=$(mktemp -d)
 time python3 -m specmesh.cli train-drafter \
-    --verifier "$PARTS/model/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$OUT/drafter" \
-    --layers 2 --minutes "$MINUTES" --device cuda --data-share 0.4 2>&1 | tee "$OUT/train.log" | grep -v "━" | tail -40
+    --verifier "$PARTS/model/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$WORK/drafter" \
+    --layers 2 --minutes "$MINUTES" --device cuda --data-share 0.4 2>&1 | tee "$WORK/train.log" \
+    | grep -v "━\|Converting\|Loading weights\|Writing model" | tail -40
+tar -C "$WORK" -czf "$OUT/drafter.tgz" drafter train.log
