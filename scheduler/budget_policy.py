@@ -83,11 +83,13 @@ class BudgetConfig:
     # model is measured and noisy; a marginal predicted gain was a loss in practice (GPU bench:
     # acceptance 0.6 at 64 sessions, a predicted +3.5% measured 0.92x aggregate).
     min_speedup: float = 1.05
-    # One planned round in this many drafts one token fewer than the plan (two when the plan is
-    # one). The cost fits need rounds of different lengths to tell a step's marginal cost from
-    # the round's fixed cost; a policy that always drafts the same length never shows them the
-    # difference (GPU bench, 16-64 sessions: the fixed part was priced as free per-token work and
-    # drafts ran 5-6 tokens where 4 was faster). Decided before drafting: lossless. 0: never.
+    # One planned round in this many drafts one token more than the plan. The cost fits need
+    # rounds of different lengths to tell a step's marginal cost from the round's fixed cost (a
+    # policy that always drafts the same length never shows them the difference: on the GPU
+    # bench the fixed part was priced as free per-token work and drafts ran 5-6 tokens where 4
+    # was faster), and the calibration needs the position after the plan's last one offered now
+    # and then (an unlucky early estimate of that position, never offered again, held an 80%
+    # drafter at 2 tokens in simulation). Decided before drafting: lossless. 0: never.
     dither_every_rounds: int = 4
     # Draft cost is learned only from rounds whose drafting sessions hand the drafter at most this
     # many tokens it has not seen (Session.drafter_unseen: a steady round hands it 1, the token
@@ -448,13 +450,14 @@ class AdaptiveBudgetPolicy:
         return {s.session_id: min(k, cap) for s, cap in zip(sessions, caps)}
 
     def _dithered(self, k: int, longest: int) -> int:
-        """k, or one token fewer (two when k is 1) in one planned round of dither_every_rounds."""
+        """k, or one token more (fewer when no session may draft more) in one planned round of
+        dither_every_rounds."""
         every = self.config.dither_every_rounds
         if k <= 0 or every <= 0 or self._rounds_planned % every:
             return k
-        if k >= 2:
-            return k - 1
-        return 2 if longest >= 2 else k
+        if k < longest:
+            return k + 1
+        return k - 1 if k >= 2 else k
 
     def _plan_verification(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
                            available: list[int], drafted_seconds: float = 0.0) -> dict[str, int]:
