@@ -35,7 +35,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from scheduler.calibration import CalibrationConfig, CalibrationTable, observations_from, survival_curve
+from scheduler.calibration import (
+    AcceptanceGrid,
+    CalibrationConfig,
+    CalibrationTable,
+    observations_from,
+    survival_curve,
+)
 from scheduler.calibration_store import CalibrationStore
 from scheduler.cost_model import CostProfile, CostProfileSource, StaticCostProfiles
 from scheduler.draft_policy import RoundOutcome
@@ -114,7 +120,7 @@ class BatchPlan:
 # ---------------------------------------------------------------------------- pure math
 
 
-def admission_survivals(confidences: Sequence[float], num_drafts: int, table: CalibrationTable,
+def admission_survivals(confidences: Sequence[float], num_drafts: int, table: CalibrationTable | AcceptanceGrid,
                         position_acceptances: Sequence[float]) -> list[float]:
     """a'_j for drafts j = 0..num_drafts-1: the survival estimate that decides whether draft j
     is verified. Reads confidences[:j] only (never draft j's own), non-increasing in j."""
@@ -320,11 +326,12 @@ class AdaptiveBudgetPolicy:
 
     def verify_lengths(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
                        draft_lengths: dict[str, int]) -> dict[str, int]:
+        entered = self.clock()
         key = self._round_key(sessions)
         mark = self._draft_marks.pop(key, None)
         # The round's drafting is spent by now, but it is part of the round all the same: what
         # verification maximises is committed tokens per second of the whole round.
-        drafted_seconds = self.clock() - mark[0] if mark is not None else 0.0
+        drafted_seconds = entered - mark[0] if mark is not None else 0.0
         # No chunks at all: the drafter failed (or only prefilled new sessions beside the verifier).
         if mark is not None and mark[1] > 0 and mark[2] > 0 and mark[3] and chunks:
             self.draft_cost.add(mark[2], mark[1], drafted_seconds, self.clock())
@@ -343,11 +350,22 @@ class AdaptiveBudgetPolicy:
         # rounds, and a round that also prefills (new sessions, re-prefills) costs what prompts
         # cost, which would bend the fit of B against seconds.
         if self.config.measure_timing and base_tokens == len(sessions):
-            self._verify_marks[key] = (self.clock(), base_tokens + sum(lengths.values()))
+            # From before this planning: the policy's own work grows with sessions x drafts too
+            # (GPU bench, 64 sessions: ~2 ms a round of ranking candidates and counting outcomes
+            # at 5 drafts, 0.3 ms for a fixed length), and a fit that does not see it prices
+            # long drafts too cheaply.
+            self._verify_marks[key] = (entered, base_tokens + sum(lengths.values()))
             self._trim(self._verify_marks)
         return lengths
 
     async def observe(self, outcomes: Sequence[RoundOutcome]) -> None:
+        try:
+            observations = observations_from(outcomes, self.calibration_config)
+        except Exception:  # noqa: BLE001 - statistics must never fail a round
+            observations = None
+            self._warn_once("observe")
+        # After counting the outcomes (the policy's own work, part of the round) and before the
+        # calibration store's I/O (Redis: bounded, and an outage must not read as round cost).
         now = self.clock()
         mark = self._verify_marks.pop(frozenset(o.item.session_id for o in outcomes), None)
         if mark is not None:
@@ -358,8 +376,9 @@ class AdaptiveBudgetPolicy:
                                          max(seconds - profile.forward_seconds(batch_tokens), 0.0), now)
             else:
                 self.verify_cost.add(sessions, batch_tokens, seconds, now)
+        if observations is None:
+            return
         try:
-            observations = observations_from(outcomes, self.calibration_config)
             await self.calibration.record(self.model_pair, observations)
         except Exception:  # noqa: BLE001 - statistics must never fail a round
             self._warn_once("observe")
@@ -474,11 +493,12 @@ class AdaptiveBudgetPolicy:
             return dict(self.last_plan.lengths)
         table = self.calibration.table(self.model_pair)
         positions = table.position_acceptances(max(available))
+        grid = table.grid()
         survivals = []
         for s, n in zip(sessions, available):
             chunk = chunks.get(s.session_id)
             confidences = chunk.confidences if chunk is not None else ()
-            survivals.append(admission_survivals(confidences, n, table, positions))
+            survivals.append(admission_survivals(confidences, n, grid, positions))
         chosen, objective = choose_verify_lengths(survivals, base_tokens, seconds)
         if self._exploring:
             # An exploration round verifies what it drafted (decided before drafting: lossless).

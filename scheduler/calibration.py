@@ -98,6 +98,28 @@ def decay_factor(elapsed_s: float, half_life_s: float) -> float:
     return 1.0 if elapsed_s <= 0 else math.pow(0.5, elapsed_s / half_life_s)
 
 
+@dataclass(frozen=True)
+class AcceptanceGrid:
+    """`CalibrationTable.acceptance` frozen for one round: ĉ = base[cell] + scale[cell] * c.
+
+    The budget policy asks for ĉ once per draft of every session each round (320 times at 64
+    sessions x 5 drafts); the posterior mean (accepted + w c) / (offered + w) splits into two
+    per-cell constants, computed once."""
+
+    num_buckets: int
+    last_row: int
+    base: tuple[float, ...]  # min(accepted, offered) / (offered + w)
+    scale: tuple[float, ...]  # w / (offered + w)
+
+    def acceptance(self, position: int, confidence: float) -> float:
+        if not confidence > 0.0:  # also NaN: the first bucket, prior mean 0
+            index = min(max(position, 0), self.last_row) * self.num_buckets
+            return self.base[index]
+        bucket = min(int(confidence * self.num_buckets), self.num_buckets - 1)
+        index = min(max(position, 0), self.last_row) * self.num_buckets + bucket
+        return self.base[index] + self.scale[index] * min(confidence, 1.0)
+
+
 class CalibrationTable:
     """Decayed offered/accepted counts per (position row, confidence bucket).
 
@@ -167,6 +189,13 @@ class CalibrationTable:
         prior_mean = min(max(confidence, 0.0), 1.0) if confidence == confidence else 0.0
         w = self.config.prior_weight
         return (min(accepted, offered) + w * prior_mean) / (offered + w)
+
+    def grid(self) -> AcceptanceGrid:
+        """A snapshot of `acceptance` for one round's many lookups."""
+        w = self.config.prior_weight
+        return AcceptanceGrid(self.config.num_buckets, self.config.max_positions - 1,
+                              tuple(min(a, o) / (o + w) for o, a in zip(self.offered, self.accepted)),
+                              tuple(w / (o + w) for o in self.offered))
 
     def position_acceptances(self, num_positions: int) -> list[float]:
         """ĉ marginalised over confidence for positions 0..num_positions-1.

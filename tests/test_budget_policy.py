@@ -712,3 +712,39 @@ def test_verification_counts_the_rounds_drafting_time_and_gets_over_a_step_in_th
     now[0] += drafting_seconds
     verified = p.verify_lengths(sessions, make_chunks(sessions, [0.5] * 4), lengths)["s0"]
     assert verified == (4 if drafting_seconds else 0)
+
+
+async def test_the_policys_own_planning_is_part_of_the_round_it_prices(monkeypatch):
+    """Ranking a busy round's candidates costs the scheduler real time (GPU bench, 64 sessions:
+    ~2 ms a round at 5 drafts); the verify fit is timed from before that planning, so it is
+    priced like any other part of the round, and the calibration store's I/O is not."""
+    import scheduler.budget_policy as budget_policy
+
+    now = [0.0]
+    profile = CostProfile.flat(0.010)
+    p = AdaptiveBudgetPolicy(warmed_store(), profile, PAIR, 8, clock=lambda: now[0],
+                             config=BudgetConfig(explore_draft_tokens=0, dither_every_rounds=0))
+    real_choose = budget_policy.choose_verify_lengths
+
+    def slow_choose(*args, **kwargs):
+        now[0] += 0.002  # the planning's own time
+        return real_choose(*args, **kwargs)
+
+    monkeypatch.setattr(budget_policy, "choose_verify_lengths", slow_choose)
+    real_record = p.calibration.record
+
+    async def slow_record(*args, **kwargs):
+        now[0] += 0.050  # a slow calibration store: not the round's cost
+        return await real_record(*args, **kwargs)
+
+    monkeypatch.setattr(p.calibration, "record", slow_record)
+    sessions = make_sessions(4)
+    for _ in range(6):
+        lengths = p.draft_lengths(sessions, CONTEXT)
+        chunks = make_chunks(sessions, [0.9] * max(lengths.values()))
+        verify = p.verify_lengths(sessions, chunks, lengths)
+        now[0] += 0.010  # the verify forward, exactly the profile
+        await p.observe([RoundOutcome(chunks[s.session_id], s.verify_item(chunks[s.session_id], verify[s.session_id]),
+                                      VerifyResult(s.session_id, accepted_count=1, next_token=1)) for s in sessions])
+    intercept, slope = p.verify_overhead.coefficients(4, now[0])
+    assert intercept + slope * 20 == pytest.approx(0.002, abs=2e-4)

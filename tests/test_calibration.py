@@ -327,3 +327,21 @@ async def test_open_calibration_store_picks_the_backend(redis_server):
         assert await store.sync(PAIR)
     finally:
         await store.close()
+
+
+def test_acceptance_grid_answers_what_the_table_answers():
+    """The per-round snapshot the budget policy reads must be the table's own posterior."""
+    import random
+
+    from scheduler.calibration import CalibrationConfig, CalibrationTable, Observation
+
+    rng = random.Random(3)
+    config = CalibrationConfig(num_buckets=5, max_positions=4)
+    table = CalibrationTable(config)
+    table.add([Observation(rng.randrange(6), rng.randrange(5), o, rng.uniform(0, o + 1))
+               for o in (rng.uniform(0, 40) for _ in range(30))], now=0.0)
+    grid = table.grid()
+    for position in range(-1, 7):
+        for confidence in (0.0, -0.5, float("nan"), 0.05, 0.2, 0.5, 0.79, 0.8, 0.999, 1.0, 1.7):
+            assert grid.acceptance(position, confidence) == pytest.approx(table.acceptance(position, confidence),
+                                                                           rel=1e-12, abs=1e-12), (position, confidence)
