@@ -309,7 +309,7 @@ class AdaptiveBudgetPolicy:
             # re-feed its history first, an eager forward several times a draft step (GPU bench:
             # 33 ms against ~4 ms), and a fit of a few lengths apart is ruled by such outliers.
             # A brand-new session does not count: the loop prefills it beside the verifier.
-            drafting = [s for s in sessions if lengths.get(s.session_id, 0) > 0 and not self._cold(s)]
+            drafting = [s for s in sessions if lengths.get(s.session_id, 0) > 0 and not s.drafter_cold]
             catch_up = max((s.drafter_unseen for s in drafting), default=0)
             # Keyed by the sessions that draft in the call: what a step costs depends on them.
             self._draft_marks[self._round_key(sessions)] = (self.clock(), max(lengths.values(), default=0),
@@ -317,12 +317,6 @@ class AdaptiveBudgetPolicy:
                                                             catch_up <= self.config.max_timed_catch_up)
             self._trim(self._draft_marks)
         return lengths
-
-    @staticmethod
-    def _cold(session: Session) -> bool:
-        """A session whose drafter holds nothing yet; its first round prefills the drafter
-        beside the verifier (SpeculationLoop.run_round), not in the draft call."""
-        return session.num_generated == 0 and session.drafter_cached == 0
 
     def verify_lengths(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
                        draft_lengths: dict[str, int]) -> dict[str, int]:
@@ -334,7 +328,7 @@ class AdaptiveBudgetPolicy:
         drafted_seconds = entered - mark[0] if mark is not None else 0.0
         # No chunks at all: the drafter failed (or only prefilled new sessions beside the verifier).
         if mark is not None and mark[1] > 0 and mark[2] > 0 and mark[3] and chunks:
-            self.draft_cost.add(mark[2], mark[1], drafted_seconds, self.clock())
+            self.draft_cost.add(mark[2], mark[1], drafted_seconds, entered)
         available = []
         for s in sessions:
             chunk = chunks.get(s.session_id)
@@ -458,7 +452,7 @@ class AdaptiveBudgetPolicy:
                 lengths = {sid: (k if sid in chosen else 0) for sid, k in lengths.items()}
             return lengths
         survival = survival_curve(table.position_acceptances(longest))
-        drafting = sum(1 for s, cap in zip(sessions, caps) if cap > 0 and not self._cold(s)) or len(sessions)
+        drafting = sum(1 for s, cap in zip(sessions, caps) if cap > 0 and not s.drafter_cold) or len(sessions)
         verify_seconds, draft_seconds = self.verify_seconds_fn(len(sessions)), self.draft_seconds_fn(drafting)
         k, _ = choose_draft_length(caps, survival, self._base_tokens(sessions),
                                    lambda b, steps: verify_seconds(b) + draft_seconds(steps), self.config.min_speedup)

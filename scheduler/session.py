@@ -54,6 +54,12 @@ class Session:
         return len(self.tokens) - len(self.prompt_tokens)
 
     @property
+    def drafter_cold(self) -> bool:
+        """The drafter holds nothing of this new session yet: its first round prefills the
+        drafter beside the verifier (SpeculationLoop.run_round), not in a draft call."""
+        return self.num_generated == 0 and self.drafter_cached == 0
+
+    @property
     def drafter_unseen(self) -> int:
         """Committed tokens the drafter has neither been sent nor drafted itself: what it must
         catch up on before drafting (1 after a round it drafted for, more after a pause)."""

@@ -218,7 +218,7 @@ class SpeculationLoop:
             # first token, and every other session's round): the drafter prefills it while the
             # verifier does, and drafting starts next round. The prefill drafts one token (its
             # own logits give it), which the drafter keeps if the verifier's token confirms it.
-            cold = [s for s in sessions if lengths[s.session_id] > 0 and s.num_generated == 0 and s.drafter_cached == 0]
+            cold = [s for s in sessions if lengths[s.session_id] > 0 and s.drafter_cold]
             if cold and self.drafter is not None:
                 lengths = {**lengths, **{s.session_id: 0 for s in cold}}
             chunks = await self._draft(sessions, lengths, record)

@@ -62,8 +62,7 @@ async def run_waves(alpha: float, concurrency: int, waves: int, seed: int, noise
             if len(live) == concurrency:
                 planned.append(max(lengths.values()))
             # A new session's first round prefills the drafter beside the verifier (the loop's rule).
-            cold = {s.session_id for s in live
-                    if lengths[s.session_id] > 0 and s.num_generated == 0 and s.drafter_cached == 0}
+            cold = {s.session_id for s in live if lengths[s.session_id] > 0 and s.drafter_cold}
             drafting = [s for s in live if lengths[s.session_id] > 0 and s.session_id not in cold]
             chunks = {}
             if drafting:
