@@ -8,14 +8,16 @@ x it attributes everything to the slope (a conservative marginal cost), or, with
 `without_spread="intercept"`, to the intercept (a constant: for a correction whose marginal
 part must be seen, not assumed). Its weight decays with
 time, so a fit that stopped receiving data (e.g. drafting switched off because it looked too
-expensive) fades and the policy tries again. `LoadBucketedFit` keeps one fit per load (sessions
+expensive) fades and the policy tries again. A point of the curve (one x) takes part only
+while it holds a share of the recent weight, so a few outlying rounds from a bygone phase
+(warm-up before CUDA graphs existed) are retired once newer rounds outnumber them. `LoadBucketedFit` keeps one fit per load (sessions
 in the round), since what a step costs depends on how many sessions share it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -23,44 +25,67 @@ class LinearFit:
     half_life_s: float = 30.0
     min_weight: float = 3.0  # below this (decayed) weight the fit does not speak
     without_spread: str = "slope"  # where y goes when x hardly varies: "slope" or "intercept"
-    as_of: float = 0.0
-    weight: float = 0.0
-    sum_x: float = 0.0
-    sum_y: float = 0.0
-    sum_xx: float = 0.0
-    sum_xy: float = 0.0
+    # A point of the curve (one x) speaks only while it holds at least this share of the fit's
+    # decayed weight. Decay alone does not retire an old point: the slope is a ratio of sums that
+    # all decay alike, so a few slow rounds at one x (on the GPU bench, warm-up rounds before the
+    # CUDA graphs of their shape existed: 33 ms against 10) kept pricing every verified token at
+    # 2.2 ms for good, the policy stopped drafting, and nothing ever came to outweigh them.
+    min_point_share: float = 0.01
+    # Forward decay: a measurement taken at time t is stored with weight 2^((t - origin) /
+    # half-life), so adding stays O(1) however many points there are, and reading divides by the
+    # same factor at the time of reading.
+    origin: float | None = None
+    as_of: float = 0.0  # the latest time the fit was given
+    scaled_weight: float = 0.0
+    points: dict[float, list[float]] = field(default_factory=dict)  # x -> [scaled weight, scaled sum of y]
 
-    def _decay_to(self, now: float) -> None:
-        if now > self.as_of:
-            factor = math.pow(0.5, (now - self.as_of) / self.half_life_s)
-            self.weight *= factor
-            self.sum_x *= factor
-            self.sum_y *= factor
-            self.sum_xx *= factor
-            self.sum_xy *= factor
-            self.as_of = now
+    def _scale(self, now: float) -> float:
+        self.as_of = max(self.as_of, now)
+        return math.pow(2.0, (self.as_of - self.origin) / self.half_life_s) if self.origin is not None else 1.0
+
+    @property
+    def weight(self) -> float:
+        """The decayed weight as of the latest time the fit was given."""
+        return self.scaled_weight / self._scale(self.as_of)
 
     def add(self, x: float, y: float, now: float) -> None:
         if not (math.isfinite(x) and math.isfinite(y)) or y < 0:
             return
-        self._decay_to(now)
-        self.weight += 1.0
-        self.sum_x += x
-        self.sum_y += y
-        self.sum_xx += x * x
-        self.sum_xy += x * y
+        if self.origin is None:
+            self.origin = self.as_of = now
+        scale = self._scale(now)
+        if scale > 2.0**40:  # keep the stored sums in range: move the origin to now
+            for point in self.points.values():
+                point[0] /= scale
+                point[1] /= scale
+            self.scaled_weight /= scale
+            self.origin, scale = self.as_of, 1.0
+        self.scaled_weight += scale
+        point = self.points.setdefault(float(x), [0.0, 0.0])
+        point[0] += scale
+        point[1] += scale * y
 
     def coefficients(self, now: float) -> tuple[float, float] | None:
         """(intercept, slope), both >= 0, or None without enough recent data."""
-        self._decay_to(now)
-        if self.weight < self.min_weight:
+        scale = self._scale(now)
+        if self.scaled_weight < self.min_weight * scale:
             return None
-        mean_x = self.sum_x / self.weight
-        mean_y = self.sum_y / self.weight
-        var_x = self.sum_xx / self.weight - mean_x * mean_x
-        spread = var_x > 1e-6 * max(1.0, mean_x * mean_x)
-        if spread:
-            slope = (self.sum_xy / self.weight - mean_x * mean_y) / var_x
+        # Points too faint to matter again are dropped (keeps reading cheap); only those that
+        # hold their share speak. Sums stay scaled: every ratio below is unchanged by the scale.
+        for x in [x for x, (w, _) in self.points.items() if w < 1e-4 * scale]:
+            del self.points[x]
+        threshold = self.min_point_share * self.scaled_weight
+        speaking = [(x, w, sum_y) for x, (w, sum_y) in self.points.items() if w >= threshold]
+        weight = sum(w for _, w, _ in speaking)
+        if weight <= 0:
+            return None
+        mean_x = sum(w * x for x, w, _ in speaking) / weight
+        mean_y = sum(sum_y for _, _, sum_y in speaking) / weight
+        mean_xx = sum(w * x * x for x, w, _ in speaking) / weight
+        mean_xy = sum(x * sum_y for x, _, sum_y in speaking) / weight
+        var_x = mean_xx - mean_x * mean_x
+        if len(speaking) > 1 and var_x > 1e-6 * max(1.0, mean_x * mean_x):
+            slope = (mean_xy - mean_x * mean_y) / var_x
             intercept = mean_y - slope * mean_x
             if slope >= 0 and intercept >= 0:
                 return intercept, slope
@@ -69,9 +94,9 @@ class LinearFit:
         elif self.without_spread == "intercept":
             return mean_y, 0.0
         # Through the origin: all cost is marginal.
-        if self.sum_xx <= 0:
+        if mean_xx <= 0:
             return mean_y, 0.0
-        return 0.0, max(self.sum_xy / self.sum_xx, 0.0)
+        return 0.0, max(mean_xy / mean_xx, 0.0)
 
     def predict(self, x: float, now: float) -> float | None:
         coefficients = self.coefficients(now)

@@ -522,6 +522,48 @@ def test_round_timing_fit_without_spread_puts_the_cost_where_it_is_told():
     assert b > 0 and constant.coefficients(0.0) == pytest.approx((a, b))
 
 
+def test_round_timing_fit_retires_a_few_old_slow_rounds_once_newer_rounds_outnumber_them():
+    """Warm-up rounds before the CUDA graphs of their shape existed (GPU bench: 33 ms against 10)
+    must not price every verified token for good: decay alone keeps their slope, since it
+    shrinks every sum alike, and a policy that stops drafting never makes other lengths to
+    outweigh them."""
+    from scheduler.round_timing import LinearFit
+
+    fit = LinearFit(half_life_s=30.0, without_spread="intercept")
+    for t in range(5):
+        fit.add(9, 0.026, now=0.01 * t)  # slow warm-up rounds of 8 drafts
+    for t in range(20):
+        fit.add(1, 0.0021, now=0.1 + 0.01 * t)
+    intercept, slope = fit.coefficients(0.3)
+    assert slope > 0.002  # while they are a fifth of the data they speak
+    for t in range(600):
+        fit.add(1, 0.0021, now=0.3 + 0.01 * t)
+    assert fit.coefficients(6.3) == pytest.approx((0.0021, 0.0))
+    for t in range(100):  # rounds of other lengths at their real cost make the slope again
+        fit.add(3 if t % 4 else 5, 0.002 + 0.0001 * (3 if t % 4 else 5), now=6.3 + 0.01 * t)
+    intercept, slope = fit.coefficients(7.3)
+    assert (intercept, slope) == pytest.approx((0.002, 0.0001))
+
+
+def test_a_few_slow_rounds_of_long_drafts_do_not_stop_drafting_for_good():
+    """The GPU bench's failure, one session at acceptance 0.8: five rounds of 8 drafts ran
+    before their CUDA graphs existed (26 ms beyond the profile), then the plan stopped drafting
+    and hundreds of plain rounds (2 ms) never retired the slope those five made: 0.94x where
+    1.85x was there to take."""
+    now = [0.0]
+    p = AdaptiveBudgetPolicy(warmed_store({b: 0.8 for b in range(CalibrationConfig().num_buckets)}, volume=1e7),
+                             CostProfile.linear(0.0076, 0.00001), PAIR, 8, clock=lambda: now[0],
+                             config=BudgetConfig(explore_draft_tokens=0))
+    for steps in (2, 3, 4, 5):
+        p.draft_cost.add(1, steps, 0.0016 + 0.0014 * steps, now[0])
+    for _ in range(5):
+        p.verify_overhead.add(1, 9, 0.026, now[0])
+    for _ in range(600):
+        now[0] += 0.01
+        p.verify_overhead.add(1, 1, 0.002, now[0])
+    assert max(p.draft_lengths(make_sessions(1), CONTEXT).values()) >= 4
+
+
 def test_load_bucketed_fit_keeps_each_load_apart_and_borrows_the_nearest():
     from scheduler.round_timing import LoadBucketedFit, load_bucket
 
