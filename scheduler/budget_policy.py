@@ -229,11 +229,16 @@ class AdaptiveBudgetPolicy:
         # Without spread in B (every round the same shape) it is a constant: a per-token slope is
         # believed only once rounds of different B (other draft lengths, exploration) show it.
         self.verify_overhead = LoadBucketedFit(half_life, without_spread="intercept")
+        # The same for rounds that verify no drafts. Kept apart because verifying drafts at all
+        # costs a step (H200, one session: 2.3 ms beyond the profile without drafts, 4.1-4.5 ms
+        # with 2-4), which one line through both fitted as 1.5 ms a verified token: a 60%
+        # drafter then never drafted, where drafting 3 would have paid ~1.2x.
+        self.plain_overhead = LoadBucketedFit(half_life, without_spread="intercept")
         self.last_plan: BatchPlan | None = None
         # Timing marks of rounds in progress, keyed by the round's session ids.
         # (start, steps, sessions drafting, whether the draft-cost fit learns from it)
         self._draft_marks: dict[frozenset[str], tuple[float, int, int, bool]] = {}
-        self._verify_marks: dict[frozenset[str], tuple[float, int]] = {}
+        self._verify_marks: dict[frozenset[str], tuple[float, int, bool]] = {}  # start, B, drafts verified
         self._warned = False
         # Exploration state (see BudgetConfig): rounds planned, rounds since the last re-check,
         # the current wait between re-checks, re-checks so far, and whether this round or the
@@ -252,17 +257,23 @@ class AdaptiveBudgetPolicy:
                                     verifier=verifier, config=self.config, clock=self.clock)
 
     # ---- costs -------------------------------------------------------------------------------
-    def verify_seconds_fn(self, sessions: int) -> Callable[[int], float]:
+    def verify_seconds_fn(self, sessions: int, base_tokens: int) -> Callable[[int], float]:
         """Seconds of one verify round of `sessions` sessions as a function of B (profile +
-        measured overhead), with the profile and measurements looked up once (the greedy calls
-        it per candidate)."""
+        measured overhead; B = base_tokens is a round without drafts), with the profile and
+        measurements looked up once (the greedy calls it per candidate)."""
         profile = self.cost_profiles.profile(self.verifier)
         if profile is not None:
-            fit = self.verify_overhead.coefficients(sessions, self.clock())
-            if fit is None:
-                return profile.forward_seconds
-            intercept, slope = fit
-            return lambda batch_tokens: profile.forward_seconds(batch_tokens) + intercept + slope * batch_tokens
+            now = self.clock()
+            drafting = self.verify_overhead.coefficients(sessions, now)
+            plain = self.plain_overhead.coefficients(sessions, now)
+            # Either borrows the other's until it has rounds of its own (a drafter never tried
+            # is priced like plain decoding, so it gets tried).
+            drafting, plain = drafting or plain or (0.0, 0.0), plain or drafting or (0.0, 0.0)
+
+            def seconds(batch_tokens: int) -> float:
+                intercept, slope = plain if batch_tokens <= base_tokens else drafting
+                return profile.forward_seconds(batch_tokens) + intercept + slope * batch_tokens
+            return seconds
         coefficients = self.verify_cost.coefficients(sessions, self.clock())
         if coefficients is None or coefficients[0] + coefficients[1] <= 0:
             return lambda batch_tokens: _UNKNOWN_FORWARD_SECONDS
@@ -286,7 +297,7 @@ class AdaptiveBudgetPolicy:
         now = self.clock()
         out: dict[str, dict[int, dict[str, float]]] = {}
         for name, fits in (("draft", self.draft_cost), ("verify_overhead", self.verify_overhead),
-                           ("verify", self.verify_cost)):
+                           ("plain_overhead", self.plain_overhead), ("verify", self.verify_cost)):
             for bucket, fit in sorted(fits.fits.items()):
                 coefficients = fit.coefficients(now)
                 if coefficients is not None:
@@ -348,7 +359,7 @@ class AdaptiveBudgetPolicy:
             # (GPU bench, 64 sessions: ~2 ms a round of ranking candidates and counting outcomes
             # at 5 drafts, 0.3 ms for a fixed length), and a fit that does not see it prices
             # long drafts too cheaply.
-            self._verify_marks[key] = (entered, base_tokens + sum(lengths.values()))
+            self._verify_marks[key] = (entered, base_tokens + sum(lengths.values()), any(lengths.values()))
             self._trim(self._verify_marks)
         return lengths
 
@@ -366,8 +377,8 @@ class AdaptiveBudgetPolicy:
             seconds, batch_tokens, sessions = now - mark[0], mark[1], len(outcomes)
             profile = self.cost_profiles.profile(self.verifier)
             if profile is not None:
-                self.verify_overhead.add(sessions, batch_tokens,
-                                         max(seconds - profile.forward_seconds(batch_tokens), 0.0), now)
+                overhead = self.verify_overhead if mark[2] else self.plain_overhead
+                overhead.add(sessions, batch_tokens, max(seconds - profile.forward_seconds(batch_tokens), 0.0), now)
             else:
                 self.verify_cost.add(sessions, batch_tokens, seconds, now)
         if observations is None:
@@ -453,8 +464,10 @@ class AdaptiveBudgetPolicy:
             return lengths
         survival = survival_curve(table.position_acceptances(longest))
         drafting = sum(1 for s, cap in zip(sessions, caps) if cap > 0 and not s.drafter_cold) or len(sessions)
-        verify_seconds, draft_seconds = self.verify_seconds_fn(len(sessions)), self.draft_seconds_fn(drafting)
-        k, _ = choose_draft_length(caps, survival, self._base_tokens(sessions),
+        base_tokens = self._base_tokens(sessions)
+        verify_seconds = self.verify_seconds_fn(len(sessions), base_tokens)
+        draft_seconds = self.draft_seconds_fn(drafting)
+        k, _ = choose_draft_length(caps, survival, base_tokens,
                                    lambda b, steps: verify_seconds(b) + draft_seconds(steps), self.config.min_speedup)
         self._back_off_exploration(k > 0)
         self._explored_last_round = False
@@ -479,7 +492,7 @@ class AdaptiveBudgetPolicy:
         step (on a 2-core CPU one token is a matrix-vector product and two are a matrix product:
         40 ms, then 60-70 ms for 2-8 tokens; the first draft alone looks like a loss)."""
         base_tokens = self._base_tokens(sessions)
-        verify_seconds = self.verify_seconds_fn(len(sessions))
+        verify_seconds = self.verify_seconds_fn(len(sessions), base_tokens)
         seconds = lambda batch_tokens: drafted_seconds + verify_seconds(batch_tokens)  # noqa: E731
         if not any(available):
             self.last_plan = BatchPlan({s.session_id: 0 for s in sessions}, float(len(sessions)), base_tokens,

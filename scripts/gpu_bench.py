@@ -670,6 +670,10 @@ def gpu_bound(result: dict, concurrency: int, gamma: float, tau: float) -> float
     return tau * plain / spec
 
 
+def describe_fit(fit: dict | None) -> str:
+    return f"{fit['intercept_ms']:.2f} + {fit['slope_ms']:.4f}x (w {fit['weight']:.0f})" if fit else "-"
+
+
 def table(result: dict) -> str:
     lines = []
     meta = result["meta"]
@@ -723,12 +727,13 @@ def table(result: dict) -> str:
               for name, fits in (level.get("policy_fits") or {}).items()]
     if fitted:
         lines.append("adaptive policy's fits at the level's own load (ms; draft: per call + per step; "
-                     "verify beyond profile: per round + per batch token):")
+                     "verify beyond profile, rounds with drafts and without: per round + per batch token):")
         for concurrency, name, fits in fitted:
             bucket = max(concurrency, 1).bit_length() - 1
             draft, overhead = fits.get("draft", {}).get(bucket), fits.get("verify_overhead", {}).get(bucket)
-            describe = lambda f: f"{f['intercept_ms']:.2f} + {f['slope_ms']:.4f}x (w {f['weight']:.0f})" if f else "-"  # noqa: E731
-            lines.append(f"{concurrency:>4} scheduler {name:>6}: draft {describe(draft)}; verify {describe(overhead)}")
+            plain = fits.get("plain_overhead", {}).get(bucket)
+            lines.append(f"{concurrency:>4} scheduler {name:>6}: draft {describe_fit(draft)}; "
+                         f"verify {describe_fit(overhead)}; without drafts {describe_fit(plain)}")
     if "hf_assisted" in result:
         hf = result["hf_assisted"]
         lines.append(f"HF assisted generation (batch 1, assistant = the drafter, agreeing on every greedy token): "
