@@ -467,10 +467,15 @@ async def main_async(args) -> dict:
     t0 = time.perf_counter()
     if vrunner.packed is not None:
         # Verify batches: each of r sessions feeds 1 to 9 tokens; draft steps: 1 to 3 per session.
-        verify_shapes = [(n, r) for r in args.levels for n in range(r, 9 * r + 1, max(1, r // 4))]
-        draft_shapes = [(n, r) for r in args.levels for n in range(r, 3 * r + 1, max(1, r // 2))]
-        await verifier.batcher.run_exclusive(lambda: vrunner.packed.capture(verify_shapes, [256, 512]))
-        await drafter.worker.run_exclusive(lambda: drunner.packed.capture(draft_shapes, [256, 512]))
+        # Sessions may sit in slots up to twice their number (slots of sessions just finished,
+        # not yet released), and contexts start under 128 tokens: a shape first met during the
+        # load was captured there (~100 ms each; 14 in the first level's warm-up), and those
+        # rounds are what the adaptive policy's cost fits learned first.
+        verify_shapes = [(n, s) for r in args.levels for s in (r, 2 * r) for n in range(r, 9 * r + 1, max(1, r // 4))]
+        draft_shapes = [(n, s) for r in args.levels for s in (r, 2 * r) for n in range(r, 3 * r + 1, max(1, r // 2))]
+        read_lengths = [128, 256, 512]
+        await verifier.batcher.run_exclusive(lambda: vrunner.packed.capture(verify_shapes, read_lengths))
+        await drafter.worker.run_exclusive(lambda: drunner.packed.capture(draft_shapes, read_lengths))
     meta["graph_capture_s"] = time.perf_counter() - t0
     meta["graphs"] = {"verifier": len(vrunner.packed.graphs) if vrunner.packed and vrunner.packed.graphs else 0,
                       "drafter": len(drunner.packed.graphs) if drunner.packed and drunner.packed.graphs else 0}
