@@ -257,10 +257,11 @@ class AdaptiveBudgetPolicy:
                                     verifier=verifier, config=self.config, clock=self.clock)
 
     # ---- costs -------------------------------------------------------------------------------
-    def verify_seconds_fn(self, sessions: int, base_tokens: int) -> Callable[[int], float]:
+    def verify_seconds_fn(self, sessions: int, base_tokens: int | None) -> Callable[[int], float]:
         """Seconds of one verify round of `sessions` sessions as a function of B (profile +
-        measured overhead; B = base_tokens is a round without drafts), with the profile and
-        measurements looked up once (the greedy calls it per candidate)."""
+        measured overhead; B = base_tokens is a round without drafts, and None prices every B as
+        a round with drafts), with the profile and measurements looked up once (the greedy calls
+        it per candidate)."""
         profile = self.cost_profiles.profile(self.verifier)
         if profile is not None:
             now = self.clock()
@@ -271,7 +272,7 @@ class AdaptiveBudgetPolicy:
             drafting, plain = drafting or plain or (0.0, 0.0), plain or drafting or (0.0, 0.0)
 
             def seconds(batch_tokens: int) -> float:
-                intercept, slope = plain if batch_tokens <= base_tokens else drafting
+                intercept, slope = plain if base_tokens is not None and batch_tokens <= base_tokens else drafting
                 return profile.forward_seconds(batch_tokens) + intercept + slope * batch_tokens
             return seconds
         coefficients = self.verify_cost.coefficients(sessions, self.clock())
@@ -492,7 +493,11 @@ class AdaptiveBudgetPolicy:
         step (on a 2-core CPU one token is a matrix-vector product and two are a matrix product:
         40 ms, then 60-70 ms for 2-8 tokens; the first draft alone looks like a loss)."""
         base_tokens = self._base_tokens(sessions)
-        verify_seconds = self.verify_seconds_fn(len(sessions), base_tokens)
+        # The step that verifying any drafts at all costs was weighed when the round chose to
+        # draft (positions only). Charged to the first candidate here, it stops the greedy
+        # before a prefix that pays for it (GPU bench, 64 sessions: 8 drafts drafted, 1.2
+        # verified), and looking past the first candidate would read drafts' own confidences.
+        verify_seconds = self.verify_seconds_fn(len(sessions), None if any(available) else base_tokens)
         seconds = lambda batch_tokens: drafted_seconds + verify_seconds(batch_tokens)  # noqa: E731
         if not any(available):
             self.last_plan = BatchPlan({s.session_id: 0 for s in sessions}, float(len(sessions)), base_tokens,

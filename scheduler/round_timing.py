@@ -84,19 +84,16 @@ class LinearFit:
         mean_xx = sum(w * x * x for x, w, _ in speaking) / weight
         mean_xy = sum(x * sum_y for x, _, sum_y in speaking) / weight
         var_x = mean_xx - mean_x * mean_x
+        through_origin = (0.0, max(mean_xy / mean_xx, 0.0)) if mean_xx > 0 else (mean_y, 0.0)  # all marginal
         if len(speaking) > 1 and var_x > 1e-6 * max(1.0, mean_x * mean_x):
             slope = (mean_xy - mean_x * mean_y) / var_x
             intercept = mean_y - slope * mean_x
-            if slope >= 0 and intercept >= 0:
-                return intercept, slope
-            if slope < 0:  # noise: cost does not fall with size
-                return mean_y, 0.0
-        elif self.without_spread == "intercept":
-            return mean_y, 0.0
-        # Through the origin: all cost is marginal.
-        if mean_xx <= 0:
-            return mean_y, 0.0
-        return 0.0, max(mean_xy / mean_xx, 0.0)
+            if slope >= 0:
+                return (intercept, slope) if intercept >= 0 else through_origin
+        # No spread, or a line that says cost falls with size: noise, or outliers at short
+        # lengths. Read as a flat cost, that made the longest drafts look free (GPU bench, 64
+        # sessions: two slow early rounds of 2 and 5 drafts, then 8 drafts a round where 3-4 pay).
+        return (mean_y, 0.0) if self.without_spread == "intercept" else through_origin
 
     def predict(self, x: float, now: float) -> float | None:
         coefficients = self.coefficients(now)

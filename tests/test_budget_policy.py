@@ -586,6 +586,41 @@ async def test_rounds_without_drafts_are_priced_apart_from_rounds_that_verify_so
     assert seconds(9) == pytest.approx(profile.forward_seconds(9) + 0.0043, rel=0.01)
 
 
+def test_round_timing_fit_reads_a_falling_line_like_no_spread():
+    """GPU bench, 64 sessions: a slow early round of 2 drafts and normal ones of 4 made a line
+    that falls with the number of steps. Read as a flat cost it made 8 steps look as cheap as 4
+    and every later round drafted 8; a draft fit prices the steps as marginal instead."""
+    from scheduler.round_timing import LinearFit
+
+    draft, overhead = LinearFit(), LinearFit(without_spread="intercept")
+    points = ((4, 0.018), (2, 0.044), (4, 0.017), (4, 0.019))
+    for fit in (draft, overhead):
+        for x, y in points:
+            fit.add(x, y, now=0.0)
+    per_step = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    assert draft.coefficients(0.0) == pytest.approx((0.0, per_step))  # 8 steps cost twice 4
+    assert overhead.coefficients(0.0) == pytest.approx((sum(y for _, y in points) / 4, 0.0))
+
+
+def test_a_busy_round_that_drafted_verifies_its_drafts_despite_the_step_verifying_costs():
+    """Verifying any drafts at all costs a step beyond a plain round. Charged to the first
+    candidate of 64 sessions' it outweighs that one draft's gain, and the greedy stopped there
+    every round: 8 drafts drafted, 1.2 verified a session (GPU bench). The round chose to draft
+    knowing the step; verification must not re-decide it from one candidate."""
+    now = 0.0
+    profile = CostProfile.linear(0.010, 0.00002)
+    p = AdaptiveBudgetPolicy(warmed_store({b: 0.8 for b in range(CalibrationConfig().num_buckets)}, volume=1e7),
+                             profile, PAIR, 8, clock=lambda: now, config=BudgetConfig(explore_draft_tokens=0))
+    for _ in range(50):
+        p.plain_overhead.add(64, 64, 0.004, now)
+        for batch_tokens in (256, 320):
+            p.verify_overhead.add(64, batch_tokens, 0.007, now)
+    sessions = make_sessions(64)
+    chunks = make_chunks(sessions, [0.8] * 4)
+    verify = p.verify_lengths(sessions, chunks, {s.session_id: 4 for s in sessions})
+    assert sum(verify.values()) >= 2 * 64
+
+
 def test_load_bucketed_fit_keeps_each_load_apart_and_borrows_the_nearest():
     from scheduler.round_timing import LoadBucketedFit, load_bucket
 
