@@ -31,6 +31,7 @@ class LinearFit:
     # CUDA graphs of their shape existed: 33 ms against 10) kept pricing every verified token at
     # 2.2 ms for good, the policy stopped drafting, and nothing ever came to outweigh them.
     min_point_share: float = 0.01
+    max_outlier_ratio: float = 3.0  # see add
     # Forward decay: a measurement taken at time t is stored with weight 2^((t - origin) /
     # half-life), so adding stays O(1) however many points there are, and reading divides by the
     # same factor at the time of reading.
@@ -60,8 +61,13 @@ class LinearFit:
                 point[1] /= scale
             self.scaled_weight /= scale
             self.origin, scale = self.as_of, 1.0
-        self.scaled_weight += scale
         point = self.points.setdefault(float(x), [0.0, 0.0])
+        if point[0] >= self.min_weight * scale:
+            # One round far above its point's mean (a CUDA graph captured mid-load: 289 ms
+            # against 17) counts as at most this many times the mean: it still moves the point
+            # if costs really rose, without one capture outweighing dozens of rounds.
+            y = min(y, self.max_outlier_ratio * point[1] / point[0])
+        self.scaled_weight += scale
         point[0] += scale
         point[1] += scale * y
 
