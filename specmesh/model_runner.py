@@ -118,8 +118,11 @@ class ModelRunner:
         12.5). Verifying 1-2 drafts is exactly that case.
         """
         rows = hidden.shape[0]
-        if self.device.type == "cpu" and rows in (2, 3):
-            padded = torch.cat([hidden, hidden.new_zeros(4 - rows, hidden.shape[1])])
+        # Half precision on CPU: one row as two as well, so that a row's logits are the same bits
+        # whatever else is in the forward (PackedForward.batch_invariant).
+        padded_rows = {1: 2 if self.dtype != torch.float32 else 1, 2: 4, 3: 4}.get(rows, rows)
+        if self.device.type == "cpu" and padded_rows != rows:
+            padded = torch.cat([hidden, hidden.new_zeros(padded_rows - rows, hidden.shape[1])])
             logits = self.lm_head(padded)[:rows].float()
         else:
             logits = self.lm_head(hidden).float()

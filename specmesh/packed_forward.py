@@ -42,6 +42,14 @@ class PackedForward:
                                      runner.device)
         self.num_graph_forwards = 0
         self.num_eager_forwards = 0
+        # Half precision on CPU: every token's result is made independent of what shares its
+        # forward, bit for bit, so that verifying drafts commits exactly what decoding alone
+        # would. float32 rounding hides the difference; bfloat16 does not (2-5% of SmolLM2's
+        # greedy tokens flipped between a forward of 1 token and one of 5). Linear layers and
+        # the LM head never see a single row (eager_key, ModelRunner.head_logits), and
+        # attention runs one query at a time over exactly the keys it may see (the CPU kernel's
+        # result for a query depends on the key length and the other queries of the call).
+        self.batch_invariant = runner.device.type == "cpu" and runner.dtype != torch.float32
 
     # ---- inputs ---------------------------------------------------------------------------
     def host_inputs(self, requests: Sequence["ForwardRequest"], cached: Sequence[int], lengths: Sequence[int],
@@ -92,7 +100,9 @@ class PackedForward:
                                                 runner.dtype)
         runner.cache.begin_packed_forward(field(2).view(1, n), field(3).view(1, n), rows, key.read_length)
         try:
-            with slot_attention.active_batch(slot_attention.PackedBatch(field(4), field(5), rows, key.q_len)):
+            batch = slot_attention.PackedBatch(field(4), field(5), rows, key.q_len,
+                                               row_cached=row_cached if self.batch_invariant else None)
+            with slot_attention.active_batch(batch):
                 out = runner.decoder(
                     input_ids=field(0).view(1, n),
                     attention_mask=mask,
@@ -130,6 +140,10 @@ class PackedForward:
         cost little next to a prefill): a new shape costs kernel selection and allocator growth
         (~75 ms seen for an 8B prefill), and prompts come in every length."""
         if self.runner.device.type != "cuda":
+            if self.batch_invariant:
+                # A single token runs as two: one row takes the matrix-vector kernel and two or
+                # more the matrix kernel, which round differently (see batch_invariant).
+                return GraphKey(max(num_tokens, 2), highest_slot + 1, q_max + 1, read_length)
             return GraphKey(num_tokens, highest_slot + 1, q_max + 1, read_length)
         cache = self.runner.cache
         tokens = token_bucket(num_tokens) if num_tokens <= 1024 else -(-num_tokens // 256) * 256

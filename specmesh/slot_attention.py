@@ -39,6 +39,19 @@ class PackedBatch:
     pack_col: torch.Tensor
     rows: int
     q_len: int
+    # Set for batch-invariant attention (PackedForward.batch_invariant): [rows] cached lengths;
+    # each real query then attends alone, to exactly its row's cached keys and the batch's own
+    # keys up to itself.
+    row_cached: torch.Tensor | None = None
+    _queries: list[tuple[int, int, int]] | None = None  # (flat index, row, keys) of real tokens
+
+    def real_queries(self) -> list[tuple[int, int, int]]:
+        if self._queries is None:
+            cached = self.row_cached.tolist()
+            self._queries = [(i, row, cached[row] + col + 1)
+                             for i, (row, col) in enumerate(zip(self.pack_row.tolist(), self.pack_col.tolist()))
+                             if col < self.q_len - 1]  # the last column holds padding tokens
+        return self._queries
 
 
 _active = threading.local()  # .batch: PackedBatch during a runner forward on this thread
@@ -88,6 +101,14 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     _, num_heads, num_tokens, head_dim = query.shape
     rows, num_kv_heads = key.shape[0], key.shape[1]
     group = num_heads // num_kv_heads
+    if batch.row_cached is not None:
+        flat = query[0].transpose(0, 1)  # [N, H, D]
+        out = torch.zeros_like(flat)
+        for index, row, keys in batch.real_queries():
+            single = flat[index].view(1, num_kv_heads, group, head_dim)
+            out[index] = F.scaled_dot_product_attention(single, key[row:row + 1, :, :keys], value[row:row + 1, :, :keys],
+                                                        scale=scaling).reshape(num_heads, head_dim)
+        return out.unsqueeze(0), None
     q_len = batch.q_len
     flat = query[0].transpose(0, 1)  # [N, H, D]
     grid = query.new_zeros((rows, q_len, num_heads, head_dim))
