@@ -26,6 +26,8 @@ class RequestSample:
     drafted: int
     accepted: int
     rounds: int
+    key: tuple = ()  # which request of which slice: the same key in every mode
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -68,32 +70,35 @@ class ModeResult:
 
 
 async def _one(client: AsyncSpecmeshClient, request: dict, max_tokens: int, speculation: bool,
-               max_draft_tokens: int | None) -> RequestSample:
+               max_draft_tokens: int | None, key: tuple = ()) -> RequestSample:
     start = time.perf_counter()
     ttft = None
     last = None
+    token_ids: list[int] = []
     options = {"max_draft_tokens": max_draft_tokens} if max_draft_tokens is not None else {}
     async for delta in client.stream(**request, max_tokens=max_tokens, temperature=0.0,
                                      disable_speculation=not speculation, **options):
         if ttft is None and delta.token_ids:
             ttft = time.perf_counter() - start
+        token_ids.extend(delta.token_ids)
         last = delta
     latency = time.perf_counter() - start
     spec = last.speculation if last is not None else None
     return RequestSample(latency, ttft or latency, last.usage.completion_tokens if last else 0,
                          spec.drafted_tokens if spec else 0, spec.accepted_tokens if spec else 0,
-                         spec.rounds if spec else 0)
+                         spec.rounds if spec else 0, key, tuple(token_ids))
 
 
 async def _run_batch(client, requests: list[dict], concurrency: int, max_tokens: int, speculation: bool,
-                     max_draft_tokens: int | None, result: ModeResult) -> None:
-    queue = list(requests)
+                     max_draft_tokens: int | None, result: ModeResult, slice_index: int = 0) -> None:
+    queue = list(enumerate(requests))
     start = time.perf_counter()
 
     async def worker() -> None:
         while queue:
-            request = queue.pop(0)
-            result.samples.append(await _one(client, request, max_tokens, speculation, max_draft_tokens))
+            index, request = queue.pop(0)
+            result.samples.append(await _one(client, request, max_tokens, speculation, max_draft_tokens,
+                                             (slice_index, index)))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.wall_s += time.perf_counter() - start
@@ -129,12 +134,18 @@ async def run_bench(target: str, requests: list[dict], concurrency_levels: Seque
                 chosen = [requests[(r * per_slice + i) % len(requests)] for i in range(per_slice)]
                 for mode in modes:
                     await _run_batch(clients[mode.target or target], chosen, concurrency, max_tokens,
-                                     mode.speculation, mode.max_draft_tokens, results[mode.name])
+                                     mode.speculation, mode.max_draft_tokens, results[mode.name], r)
                     if progress is not None:
                         progress()
             base = results[modes[0].name].summary()
+            base_outputs = {sample.key: sample.token_ids for sample in results[modes[0].name].samples}
             for mode in modes:
                 summary = results[mode.name].summary()
+                # Greedy requests: speculation must not change a single token (lossless).
+                outputs = {sample.key: sample.token_ids for sample in results[mode.name].samples}
+                shared = [key for key in outputs if key in base_outputs]
+                summary["outputs_compared"] = len(shared)
+                summary["outputs_identical"] = sum(1 for key in shared if outputs[key] == base_outputs[key])
                 for key in ("aggregate_tokens_per_s", "per_user_tokens_per_s"):
                     summary[f"{key}_vs_{modes[0].name}"] = summary[key] / base[key] if base[key] else 0.0
                 summaries.append(summary)
@@ -149,17 +160,18 @@ def format_table(summaries: list[dict]) -> str:
     (concurrency 1) are compared with it too. `ceiling` is the analytic speedup for the measured
     acceptance and draft length."""
     header = (f"{'conc':>4} {'mode':>12} {'agg tok/s':>10} {'ratio':>6} {'user tok/s':>10} {'ratio':>6} "
-              f"{'ttft p50':>8} {'tpot p50':>8} {'accept':>7} {'tau':>5} {'ceiling':>7}")
+              f"{'ttft p50':>8} {'tpot p50':>8} {'accept':>7} {'tau':>5} {'ceiling':>7} {'same out':>8}")
     lines = [header]
     for s in summaries:
         base = next((b for b in summaries if b["concurrency"] == s["concurrency"]), s)
         agg_ratio = s["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"] if base["aggregate_tokens_per_s"] else 0
         user_ratio = s["per_user_tokens_per_s"] / base["per_user_tokens_per_s"] if base["per_user_tokens_per_s"] else 0
         ceiling = f"{s['analytic_ceiling']:>7.2f}" if "analytic_ceiling" in s else f"{'':>7}"
+        same = f"{s['outputs_identical']}/{s['outputs_compared']}" if s.get("outputs_compared") else ""
         lines.append(f"{s['concurrency']:>4} {s['mode']:>12} {s['aggregate_tokens_per_s']:>10.1f} {agg_ratio:>6.2f} "
                      f"{s['per_user_tokens_per_s']:>10.1f} {user_ratio:>6.2f} {s.get('ttft_p50_s', 0):>8.3f} "
                      f"{s.get('tpot_p50_s', 0):>8.3f} {s.get('acceptance_rate', 0):>7.1%} {s.get('tau', 0):>5.2f} "
-                     f"{ceiling}")
+                     f"{ceiling} {same:>8}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,25 @@ def _root() -> None:
 
 
 DEFAULT_VERIFIER = "smollm2-135m"
-DEFAULT_DRAFTER = "prompt-lookup"
+DEFAULT_DRAFTER = "auto"  # see specmesh/local_defaults.py
+DTYPE_HELP = ("float32, bfloat16 or float16; auto: bfloat16 on CUDA or a CPU that computes it natively, "
+              "else float32 (exact either way: speculation commits what decoding alone would).")
+DRAFTER_HELP = ("Drafter REF, or 'prompt-lookup', 'layers:N' (verifier's first N layers), 'none'; auto: the drafter "
+                "shipped for the verifier when running in bfloat16, else prompt-lookup.")
+
+
+def _local_choice(verifier: str, drafter: str, dtype: str) -> tuple[str, str]:
+    """(drafter, dtype) for a local run; a precision set in SPECMESH_VERIFIER_DTYPE wins over auto."""
+    from specmesh.local_defaults import AUTO, resolve_drafter, resolve_dtype
+
+    if dtype == AUTO and os.environ.get("SPECMESH_VERIFIER_DTYPE"):
+        dtype = os.environ["SPECMESH_VERIFIER_DTYPE"]
+    dtype = resolve_dtype(dtype)
+    return resolve_drafter(drafter, verifier, dtype), dtype
+
+
+def _cluster_env(dtype: str) -> dict[str, str]:
+    return {"SPECMESH_VERIFIER_DTYPE": dtype, "SPECMESH_DRAFTER_DTYPE": os.environ.get("SPECMESH_DRAFTER_DTYPE", dtype)}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -40,8 +58,8 @@ def generate(
     prompt: str = typer.Argument(..., help="The prompt text."),
     target: str | None = typer.Option(None, help="host:port of a running gateway; without it, run in-process."),
     verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier model REF (hub id, directory, GGUF, short name)."),
-    drafter: str = typer.Option(DEFAULT_DRAFTER,
-                                help="Drafter REF, or 'prompt-lookup', 'layers:N' (verifier's first N layers), 'none'."),
+    drafter: str = typer.Option(DEFAULT_DRAFTER, help=DRAFTER_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     max_tokens: int = typer.Option(128, "--max-tokens", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -63,11 +81,13 @@ def generate(
 
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).validate()
-        engine = Engine.from_refs(verifier, drafter, EngineConfig(draft_length=draft_length))
+        drafter, dtype = _local_choice(verifier, drafter, dtype)
+        engine = Engine.from_refs(verifier, drafter, EngineConfig(draft_length=draft_length),
+                                  dtype=_torch_dtype(dtype))
         use_chat = chat and getattr(engine.tokenizer, "chat_template", None)
         prompt_ids = engine.encode(messages=[{"role": "user", "content": prompt}]) if use_chat else engine.encode(prompt)
         session = engine.make_session(prompt_ids, params, max_tokens)
-    except SpecmeshError as error:
+    except (SpecmeshError, ValueError) as error:
         _fail(error)
 
     async def run() -> None:
@@ -88,9 +108,19 @@ def generate(
             f"[specmesh] {generated} tokens in {elapsed:.2f} s ({generated / elapsed:.1f} tokens/s); "
             f"rounds {s.rounds}, drafted {s.drafted_tokens}, accepted {s.accepted_tokens} "
             f"(acceptance {rate:.1%}, {generated / max(s.rounds, 1):.2f} tokens/round); "
-            f"drafter {engine.drafter.name if engine.drafter else 'none'}; finish {session.finish_reason}",
+            f"drafter {engine.drafter.name if engine.drafter else 'none'}; {dtype}; finish {session.finish_reason}",
             err=True,
         )
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    from specmesh.replica_options import DTYPES
+
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
 
 
 def _generate_remote(target: str, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
@@ -138,7 +168,8 @@ def serve(ctx: typer.Context, service: str = typer.Argument(..., help="gateway |
 @app.command()
 def up(
     verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier model REF."),
-    drafter: str = typer.Option(DEFAULT_DRAFTER, help="Drafter REF ('prompt-lookup', 'layers:N', 'none' or a model)."),
+    drafter: str = typer.Option(DEFAULT_DRAFTER, help=DRAFTER_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     port: int = typer.Option(50051, help="Gateway gRPC port."),
     http_port: int = typer.Option(8000, "--http-port", help="Gateway OpenAI-compatible HTTP port (0: off)."),
     redis_url: str | None = typer.Option(None, "--redis-url",
@@ -158,11 +189,16 @@ def up(
 
     from specmesh.local_cluster import ClusterStartError, LocalCluster
 
+    try:
+        drafter, dtype = _local_choice(verifier, drafter, dtype)
+        _torch_dtype(dtype)
+    except ValueError as error:
+        _fail(error)
     cluster = LocalCluster(verifier=verifier, drafter=drafter, port=port, draft_length=draft_length,
                            policy=policy, redis_url=redis_url, http_port=http_port or None,
                            api_keys_file=api_keys_file, log_dir=Path(log_dir) if log_dir else None,
-                           trace_file=Path(trace_file) if trace_file else None)
-    typer.echo("specmesh up: starting verifier, drafter, scheduler, gateway ...", err=True)
+                           trace_file=Path(trace_file) if trace_file else None, extra_env=_cluster_env(dtype))
+    typer.echo(f"specmesh up: starting verifier, drafter ({drafter}, {dtype}), scheduler, gateway ...", err=True)
     try:
         cluster.start()
     except ClusterStartError as error:
@@ -183,7 +219,8 @@ def up(
 def bench(
     target: str | None = typer.Option(None, help="host:port of a running gateway; without it, start a local cluster."),
     verifier: str = typer.Option(DEFAULT_VERIFIER, help="Verifier REF for the local cluster."),
-    drafter: str = typer.Option(DEFAULT_DRAFTER, help="Drafter REF for the local cluster."),
+    drafter: str = typer.Option(DEFAULT_DRAFTER, help=DRAFTER_HELP.replace("Drafter REF", "Drafter REF for the local cluster")),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     workload: str = typer.Option("mixed", help="chat | code | summarisation | mixed | a JSONL file."),
     concurrency: str = typer.Option("1,8", help="Comma-separated concurrency levels."),
     max_tokens: int = typer.Option(64, "--max-tokens"),
@@ -209,12 +246,14 @@ def bench(
     try:
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
         prompts = load_workload(workload)
+        drafter, dtype = _local_choice(verifier, drafter, dtype)
+        _torch_dtype(dtype)
     except ValueError as error:
         _fail(error)
     cluster = None
     cost_ratio_measured = None
     if target is None:
-        cluster = LocalCluster(verifier=verifier, drafter=drafter, port=free_port())
+        cluster = LocalCluster(verifier=verifier, drafter=drafter, port=free_port(), extra_env=_cluster_env(dtype))
         typer.echo("bench: starting a local cluster ...", err=True)
         try:
             cluster.start()
@@ -241,7 +280,8 @@ def bench(
     ratio = cost_ratio if cost_ratio is not None else (cost_ratio_measured if cost_ratio_measured is not None else 0.0)
     _add_ceilings(summaries, ratio)
     meta = {"target": target, "workload": workload, "max_tokens": max_tokens, "verifier": verifier,
-            "drafter": drafter, "local_cluster": cluster is not None, "cost_ratio": ratio}
+            "drafter": drafter, "dtype": dtype if cluster is not None else None, "local_cluster": cluster is not None,
+            "cost_ratio": ratio}
     if plot:
         from specmesh.bench_baselines import plot_bench
 

@@ -45,6 +45,21 @@ def test_generate_prints_only_text_and_is_the_same_with_any_drafter(model_dir):
         assert "[specmesh]" in other.stderr
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_generate_in_either_precision_is_the_same_with_and_without_drafting(model_dir, dtype):
+    """bfloat16 on CPU is exact too (the runner's batch-invariant layout)."""
+    outputs = set()
+    for drafter in ("none", str(model_dir)):
+        result = specmesh("generate", "--verifier", str(model_dir), "--drafter", drafter, "--dtype", dtype, "--raw",
+                          "--max-tokens", "12", "--stats", PROMPT)
+        assert result.returncode == 0, result.stderr
+        assert dtype in result.stderr
+        outputs.add(result.stdout)
+    assert len(outputs) == 1
+    bad = specmesh("generate", "--verifier", str(model_dir), "--dtype", "float64", PROMPT)
+    assert bad.returncode == 2 and "--dtype must be auto or one of" in bad.stderr
+
+
 def test_generate_reports_bad_input_clearly(model_dir):
     result = specmesh("generate", "--verifier", str(model_dir), "--top-p", "2", PROMPT)
     assert result.returncode == 2 and "top_p" in result.stderr and result.stdout == ""
@@ -96,5 +111,7 @@ def test_bench_measures_modes_baselines_and_ceiling(model_dir, tmp_path):
     on = next(r for r in report["results"] if r["mode"] == "on" and r["concurrency"] == 1)
     # The drafter is the verifier itself: everything drafted is accepted.
     assert on["acceptance_rate"] == 1.0 and on["tau"] > 1.0 and on["analytic_ceiling"] >= 1.0
+    # Greedy: every request's output with speculation is the same as without.
+    assert on["outputs_compared"] == 2 and on["outputs_identical"] == 2
     assert out_png.stat().st_size > 10_000
     assert "ceiling" in result.stdout and "hf-assisted" in result.stdout

@@ -1,0 +1,27 @@
+"""What `specmesh up`, `generate` and `bench` run when the user names no precision or drafter."""
+
+from __future__ import annotations
+
+import pytest
+
+from specmesh.local_defaults import native_bfloat16_cpu, resolve_drafter, resolve_dtype
+
+
+def test_auto_precision_is_bfloat16_only_where_it_is_computed_natively():
+    assert resolve_dtype("auto", "cuda") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bfloat16_cpu() else "float32")
+    for explicit in ("float32", "bfloat16", "float16"):
+        assert resolve_dtype(explicit, "cpu") == explicit
+
+
+@pytest.mark.parametrize("verifier", ["smollm2-135m", "smollm2", "SmolLM2-135M-Instruct"])
+def test_auto_drafter_is_the_shipped_one_in_bfloat16_and_prompt_lookup_in_float32(verifier):
+    assert resolve_drafter("auto", verifier, "bfloat16") == "smollm2-135m-drafter"
+    assert resolve_drafter("auto", verifier, "float32") == "prompt-lookup"
+
+
+def test_auto_drafter_without_a_shipped_one_is_prompt_lookup_and_a_named_drafter_is_kept():
+    assert resolve_drafter("auto", "gemma3-270m", "bfloat16") == "prompt-lookup"
+    assert resolve_drafter("auto", "/models/my-llama", "bfloat16") == "prompt-lookup"
+    assert resolve_drafter("layers:2", "smollm2-135m", "bfloat16") == "layers:2"
+    assert resolve_drafter("prompt-lookup", "smollm2-135m", "bfloat16") == "prompt-lookup"
