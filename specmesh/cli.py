@@ -34,7 +34,7 @@ def _local_choice(verifier: str, drafter: str, dtype: str) -> tuple[str, str]:
 
     if dtype == AUTO and os.environ.get("SPECMESH_VERIFIER_DTYPE"):
         dtype = os.environ["SPECMESH_VERIFIER_DTYPE"]
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, os.environ.get("SPECMESH_VERIFIER_DEVICE", "cpu"))
     return resolve_drafter(drafter, verifier, dtype), dtype
 
 
