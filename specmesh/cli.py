@@ -65,7 +65,9 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 = off."),
     seed: int | None = typer.Option(None, help="Makes sampling reproducible."),
-    draft_length: int = typer.Option(4, "--draft-length", help="Tokens drafted and verified per round."),
+    policy: str = typer.Option("adaptive", help="adaptive: draft and verify what the calibration and the "
+                                                "verifier's measured costs say pays; fixed: --draft-length every round."),
+    draft_length: int = typer.Option(4, "--draft-length", help="Tokens drafted and verified per round (--policy fixed)."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt as a user message in the chat template."),
     stats: bool = typer.Option(False, "--stats", help="Print acceptance and speed to stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -82,7 +84,9 @@ def generate(
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).validate()
         drafter, dtype = _local_choice(verifier, drafter, dtype)
-        engine = Engine.from_refs(verifier, drafter, EngineConfig(draft_length=draft_length),
+        if policy not in ("adaptive", "fixed"):
+            raise ValueError(f"--policy must be adaptive or fixed, got {policy!r}")
+        engine = Engine.from_refs(verifier, drafter, EngineConfig(draft_length=draft_length, policy=policy),
                                   dtype=_torch_dtype(dtype))
         use_chat = chat and getattr(engine.tokenizer, "chat_template", None)
         prompt_ids = engine.encode(messages=[{"role": "user", "content": prompt}]) if use_chat else engine.encode(prompt)

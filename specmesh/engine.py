@@ -32,6 +32,11 @@ class EngineConfig:
     draft_top_k: int = 8  # size of the sparse q the drafter sends
     max_tokens_limit: int = 4096
     pipeline_lanes: int = 1  # rounds in flight at once (scheduler/speculation_loop.py)
+    # "fixed": draft_length every round. "adaptive": the scheduler's policy (confidence x load,
+    # scheduler/budget_policy.py) with in-memory calibration, priced by a cost profile of the
+    # verifier measured when the engine is built (~1 s on a CPU), up to max_draft_tokens.
+    policy: str = "fixed"
+    max_draft_tokens: int = 8
     lane_min_sessions: int = 8
 
 
@@ -67,8 +72,25 @@ class Engine:
         )
         self._verify_backend = LocalVerifyBackend(self.verifier)
         self._draft_backend = LocalDraftBackend(drafter) if drafter is not None else None
-        self._policy = FixedDraftLength(config.draft_length)
+        self._policy = FixedDraftLength(config.draft_length) if config.policy == "fixed" else self._adaptive_policy()
         self._loops: dict[int, object] = {}  # one speculation loop per event loop
+
+    def _adaptive_policy(self):
+        from scheduler.budget_policy import AdaptiveBudgetPolicy, model_pair_id
+        from scheduler.calibration import CalibrationConfig
+        from scheduler.calibration_store import InMemoryCalibrationStore
+        from scheduler.cost_model import CostProfile
+        from verifier.config import DEFAULT_PROFILE_BATCH_TOKENS
+        from verifier.profiling import measure_forward_costs
+
+        if self.config.policy != "adaptive":
+            raise ValueError(f"policy must be 'fixed' or 'adaptive', got {self.config.policy!r}")
+        sizes = [size for size in DEFAULT_PROFILE_BATCH_TOKENS if size <= 4 * self.config.num_slots]
+        profile = CostProfile.from_table(measure_forward_costs(self.verifier, sizes))
+        drafter = getattr(self.drafter, "name", "drafter")
+        return AdaptiveBudgetPolicy(InMemoryCalibrationStore(CalibrationConfig()), profile,
+                                    model_pair_id(getattr(self.verifier_model, "name_or_path", "verifier"), drafter),
+                                    self.config.max_draft_tokens)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod

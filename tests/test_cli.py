@@ -45,19 +45,22 @@ def test_generate_prints_only_text_and_is_the_same_with_any_drafter(model_dir):
         assert "[specmesh]" in other.stderr
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_generate_in_either_precision_is_the_same_with_and_without_drafting(model_dir, dtype):
-    """bfloat16 on CPU is exact too (the runner's batch-invariant layout)."""
+@pytest.mark.parametrize("dtype, policy", [("float32", "fixed"), ("bfloat16", "fixed"), ("bfloat16", "adaptive")])
+def test_generate_in_either_precision_is_the_same_with_and_without_drafting(model_dir, dtype, policy):
+    """bfloat16 on CPU is exact too (the runner's batch-invariant layout), and so is the adaptive
+    policy in-process (the default of `generate`)."""
     outputs = set()
     for drafter in ("none", str(model_dir)):
         result = specmesh("generate", "--verifier", str(model_dir), "--drafter", drafter, "--dtype", dtype, "--raw",
-                          "--max-tokens", "12", "--stats", PROMPT)
+                          "--policy", policy, "--max-tokens", "12", "--stats", PROMPT)
         assert result.returncode == 0, result.stderr
         assert dtype in result.stderr
         outputs.add(result.stdout)
     assert len(outputs) == 1
     bad = specmesh("generate", "--verifier", str(model_dir), "--dtype", "float64", PROMPT)
     assert bad.returncode == 2 and "--dtype must be auto or one of" in bad.stderr
+    bad = specmesh("generate", "--verifier", str(model_dir), "--policy", "greedy", PROMPT)
+    assert bad.returncode == 2 and "--policy must be adaptive or fixed" in bad.stderr
 
 
 def test_generate_reports_bad_input_clearly(model_dir):

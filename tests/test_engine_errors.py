@@ -148,3 +148,14 @@ def test_matching_tokenizers_build_a_model_drafter(saved_models):
     drafter = build_drafter(saved_models["same-tokenizer"], loaded.model, loaded.tokenizer,
                             EngineConfig(num_slots=2, max_context=32))
     assert drafter is not None and drafter.runner.vocab_size == VOCAB
+
+
+def test_an_unknown_policy_is_refused_and_the_adaptive_one_is_exact(verifier):
+    with pytest.raises(ValueError, match="policy must be 'fixed' or 'adaptive'"):
+        Engine(verifier, make_tiny_tokenizer(VOCAB), None, EngineConfig(num_slots=4, max_context=MAX_CONTEXT,
+                                                                        policy="greedy"))
+    config = EngineConfig(num_slots=4, max_context=MAX_CONTEXT, policy="adaptive", max_tokens_limit=20)
+    adaptive = Engine(verifier, make_tiny_tokenizer(VOCAB), build_drafter("layers:1", verifier, None, config), config,
+                      stop_token_ids=[])
+    out = adaptive.generate_batch_ids([PROMPT], params=SamplingParams(), max_tokens=16)[0]
+    assert out.token_ids == greedy_reference(verifier, PROMPT, 16)
