@@ -22,8 +22,8 @@ def _root() -> None:
 
 DEFAULT_VERIFIER = "smollm2-135m"
 DEFAULT_DRAFTER = "auto"  # see specmesh/local_defaults.py
-DTYPE_HELP = ("float32, bfloat16 or float16; auto: bfloat16 on CUDA or a CPU that computes it natively, "
-              "else float32 (exact either way: speculation commits what decoding alone would).")
+DTYPE_HELP = ("float32, bfloat16 or float16; auto: bfloat16 on CUDA, or on a CPU that computes it natively for a "
+              "verifier with a shipped drafter; else float32.")
 DRAFTER_HELP = ("Drafter REF, or 'prompt-lookup', 'layers:N' (verifier's first N layers), 'none'; auto: the drafter "
                 "shipped for the verifier when running in bfloat16, else prompt-lookup.")
 
@@ -34,7 +34,7 @@ def _local_choice(verifier: str, drafter: str, dtype: str) -> tuple[str, str]:
 
     if dtype == AUTO and os.environ.get("SPECMESH_VERIFIER_DTYPE"):
         dtype = os.environ["SPECMESH_VERIFIER_DTYPE"]
-    dtype = resolve_dtype(dtype, os.environ.get("SPECMESH_VERIFIER_DEVICE", "cpu"))
+    dtype = resolve_dtype(dtype, os.environ.get("SPECMESH_VERIFIER_DEVICE", "cpu"), verifier)
     return resolve_drafter(drafter, verifier, dtype), dtype
 
 

@@ -12,8 +12,10 @@ Measured on a 2-core CPU with native bfloat16 (AVX512-BF16), SmolLM2-135M, greed
   in float32 neither pays (0.95x and 0.99x), and prompt lookup costs least.
 
 So: bfloat16 where the CPU computes it natively (elsewhere it is emulated and slower than
-float32), float32 otherwise; the trained drafter shipped for the verifier when running in
-bfloat16, prompt lookup otherwise.
+float32) for the verifiers we ship a drafter for, float32 otherwise; the trained drafter shipped
+for the verifier when running in bfloat16, prompt lookup otherwise. Other models stay float32 on
+CPU because the batch-invariant layout lives in the packed path, which models with sliding-window
+attention (Gemma 3) do not take: there bfloat16 would not be exact.
 """
 
 from __future__ import annotations
@@ -35,17 +37,24 @@ def native_bfloat16_cpu() -> bool:
         return False
 
 
-def resolve_dtype(dtype: str, device: str = "cpu") -> str:
-    """`auto` -> bfloat16 on CUDA or a CPU with native bfloat16, float32 otherwise."""
+def _shipped_drafter(verifier: str) -> str | None:
+    short = find_short_name(verifier)
+    return SHIPPED_DRAFTER_FOR.get(short.canonical) if short is not None else None
+
+
+def resolve_dtype(dtype: str, device: str = "cpu", verifier: str | None = None) -> str:
+    """`auto` -> bfloat16 on CUDA, or on a CPU with native bfloat16 for a verifier we ship a
+    drafter for; float32 otherwise."""
     if dtype != AUTO:
         return dtype
-    return "bfloat16" if device == "cuda" or native_bfloat16_cpu() else "float32"
+    if device == "cuda":
+        return "bfloat16"
+    return "bfloat16" if native_bfloat16_cpu() and verifier is not None and _shipped_drafter(verifier) else "float32"
 
 
 def resolve_drafter(drafter: str, verifier: str, dtype: str) -> str:
     """`auto` -> the drafter shipped for this verifier when running in bfloat16, else prompt lookup."""
     if drafter != AUTO:
         return drafter
-    short = find_short_name(verifier)
-    shipped = SHIPPED_DRAFTER_FOR.get(short.canonical) if short is not None else None
+    shipped = _shipped_drafter(verifier)
     return shipped if shipped is not None and dtype == "bfloat16" else "prompt-lookup"

@@ -7,9 +7,13 @@ import pytest
 from specmesh.local_defaults import native_bfloat16_cpu, resolve_drafter, resolve_dtype
 
 
-def test_auto_precision_is_bfloat16_only_where_it_is_computed_natively():
-    assert resolve_dtype("auto", "cuda") == "bfloat16"
-    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bfloat16_cpu() else "float32")
+def test_auto_precision_is_bfloat16_only_where_it_is_computed_natively_and_exact():
+    assert resolve_dtype("auto", "cuda", "gemma3-270m") == "bfloat16"
+    assert resolve_dtype("auto", "cpu", "smollm2-135m") == ("bfloat16" if native_bfloat16_cpu() else "float32")
+    # Models without a shipped drafter (Gemma 3: sliding windows, the padded path, where bfloat16
+    # is not batch-invariant) stay float32 on CPU unless asked.
+    assert resolve_dtype("auto", "cpu", "gemma3-270m") == "float32"
+    assert resolve_dtype("auto", "cpu", "/models/my-llama") == "float32"
     for explicit in ("float32", "bfloat16", "float16"):
         assert resolve_dtype(explicit, "cpu") == explicit
 
