@@ -112,8 +112,12 @@ def test_bench_measures_modes_baselines_and_ceiling(model_dir, tmp_path):
     modes = {(r["mode"], r["concurrency"]) for r in report["results"]}
     assert {("off", 1), ("on", 1), ("off", 2), ("on", 2), ("hf-generate", 1), ("hf-assisted", 1)} <= modes
     on = next(r for r in report["results"] if r["mode"] == "on" and r["concurrency"] == 1)
-    # The drafter is the verifier itself: everything drafted is accepted.
-    assert on["acceptance_rate"] == 1.0 and on["tau"] > 1.0 and on["analytic_ceiling"] >= 1.0
+    # The drafter is the verifier itself: everything drafted is accepted, and the ceiling is
+    # (γ + 1) / (γc + 1) for the measured γ and cost ratio c (near 1 here, either side of it:
+    # whether the ceiling is above 1 is up to timing noise, so the formula is what is checked).
+    assert on["acceptance_rate"] == 1.0 and on["tau"] > 1.0
+    gamma, c = on["mean_draft_length"], report["meta"]["cost_ratio"]
+    assert c > 0 and on["analytic_ceiling"] == pytest.approx((gamma + 1) / (gamma * c + 1))
     # Greedy: every request's output with speculation is the same as without.
     assert on["outputs_compared"] == 2 and on["outputs_identical"] == 2
     assert out_png.stat().st_size > 10_000
