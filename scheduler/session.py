@@ -135,7 +135,7 @@ class Session:
             self.drafter_cached = min(chunk.num_cached_tokens, base + accepted)
             self.drafter_seen = chunk.base_length + len(chunk.tokens)
         elif chunk is not None:
-            self.drafter_cached = self.drafter_seen = 0
+            self.note_drafter_lost()
         self.drafter_cached = min(self.drafter_cached, base + accepted)
         # Apply stop tokens and the length limit: the output is a prefix of what was verified.
         finish: str | None = None

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from drafter.config import DrafterConfig  # noqa: E402
 from drafter.controlled_acceptance import ControlledAcceptanceDrafter  # noqa: E402
 from drafter.server import start_drafter  # noqa: E402
+from scheduler.round_timing import load_bucket  # noqa: E402
 from specmesh import fused_ops  # noqa: E402
 from specmesh.distributions import greedy_drafts  # noqa: E402
 from specmesh.model_runner import ForwardRequest, ModelRunner  # noqa: E402
@@ -734,7 +735,7 @@ def table(result: dict) -> str:
         lines.append("adaptive policy's fits at the level's own load (ms; draft: per call + per step; "
                      "verify beyond profile, rounds with drafts and without: per round + per batch token):")
         for concurrency, name, fits in fitted:
-            bucket = max(concurrency, 1).bit_length() - 1
+            bucket = load_bucket(concurrency)
             draft, overhead = fits.get("draft", {}).get(bucket), fits.get("verify_overhead", {}).get(bucket)
             plain = fits.get("plain_overhead", {}).get(bucket)
             lines.append(f"{concurrency:>4} scheduler {name:>6}: draft {describe_fit(draft)}; "

@@ -72,6 +72,8 @@ class Engine:
         )
         self._verify_backend = LocalVerifyBackend(self.verifier)
         self._draft_backend = LocalDraftBackend(drafter) if drafter is not None else None
+        if config.policy not in ("fixed", "adaptive"):
+            raise ValueError(f"policy must be 'fixed' or 'adaptive', got {config.policy!r}")
         self._policy = FixedDraftLength(config.draft_length) if config.policy == "fixed" else self._adaptive_policy()
         self._loops: dict[int, object] = {}  # one speculation loop per event loop
 
@@ -83,8 +85,6 @@ class Engine:
         from verifier.config import DEFAULT_PROFILE_BATCH_TOKENS
         from verifier.profiling import measure_forward_costs
 
-        if self.config.policy != "adaptive":
-            raise ValueError(f"policy must be 'fixed' or 'adaptive', got {self.config.policy!r}")
         sizes = [size for size in DEFAULT_PROFILE_BATCH_TOKENS if size <= 4 * self.config.num_slots]
         profile = CostProfile.from_table(measure_forward_costs(self.verifier, sizes))
         drafter = getattr(self.drafter, "name", "drafter")
