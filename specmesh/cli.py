@@ -375,6 +375,11 @@ def train_drafter(
     greedy_pass: bool = typer.Option(True, "--greedy-pass/--no-greedy-pass",
                                      help="Generate the first pass over the prompts greedily (the text greedy "
                                           "serving drafts on); the rest is sampled."),
+    context_prompts: int | None = typer.Option(None, "--context-prompts", help="Requests that carry one of the "
+                                               "verifier's greedy answers to summarise or rewrite (default: a third "
+                                               "as many as training prompts; 0: none)."),
+    generation_batch: int | None = typer.Option(None, "--generation-batch", help="Sequences generated at once "
+                                                "(default: 3072 on CUDA, 8 on CPU)."),
     seed: int = typer.Option(0, help="Seed of the data split, sampling and initialisation."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -387,7 +392,8 @@ def train_drafter(
     options = TrainOptions(num_layers=layers, hidden_size=hidden, minutes=minutes, device=device,
                            prompts_file=prompts, max_data_tokens=max_data_tokens, seed=seed,
                            draft_vocab=draft_vocab, data_share=data_share, temperature=data_temperature,
-                           greedy_pass=greedy_pass)
+                           greedy_pass=greedy_pass, context_prompts=context_prompts,
+                           generation_batch_size=generation_batch)
     try:
         report = run_train_drafter(verifier, out, options)
     except (SpecmeshError, ValueError) as error:

@@ -423,7 +423,7 @@ def test_builtin_prompts_are_varied_and_never_the_bench_prompts():
 
 def test_evaluation_reports_greedy_text_agreement_on_held_out_and_bench_prompts(workspace):
     greedy = workspace["trained"].report["evaluation"]["greedy_text"]
-    assert set(greedy) == {"held_out_chat", "bench_chat"}
+    assert set(greedy) == {"held_out_chat", "bench_chat", "bench_code", "bench_summarisation"}
     assert greedy["bench_chat"]["prompts"] == 8 and greedy["bench_chat"]["positions"] > 0
     assert 0.0 <= greedy["held_out_chat"]["top1_agreement"] <= 1.0
     assert greedy["held_out_chat"]["top1_agreement"] > workspace["trained"].report["evaluation"][
@@ -479,3 +479,56 @@ def test_first_data_pass_is_the_verifiers_greedy_text_and_the_rest_is_sampled(wo
     no_greedy = TrainOptions(num_layers=1, prompts_file=str(workspace["prompts"]), max_new_tokens=8,
                              samples_per_prompt=1, held_out_fraction=0.2, generation_batch_size=16, greedy_pass=False)
     assert gather_data(verifier, tokenizer, no_greedy, deadline=float("inf"))[2]["greedy_pass_samples"] == 0
+
+
+def test_context_requests_carry_the_verifiers_own_greedy_answers(tmp_path):
+    """The context set: after the greedy pass, requests that ask to summarise or rewrite one of
+    the verifier's greedy answers join the data (greedy once, then in every sampled round)."""
+    from specmesh.drafter_training.data import CONTEXT_SET, context_prompts
+    from specmesh.drafter_training.train import gather_data
+
+    verifier = _peaky_verifier(seed=3)
+    tokenizer = make_tiny_tokenizer(64)
+    prompts = _write_prompts(tmp_path / "prompts.jsonl", count=20)
+    base = dict(num_layers=1, prompts_file=str(prompts), max_new_tokens=40, samples_per_prompt=2,
+                held_out_fraction=0.1, generation_batch_size=64)
+    train, _, stats = gather_data(verifier, tokenizer, TrainOptions(**base, context_prompts=6), deadline=float("inf"))
+    context = [s for s in train if s.prompt_set == CONTEXT_SET]
+    assert stats["context_prompts"] == 6
+    # one greedy pass and one sampled round over the 6 context requests
+    assert len(context) == 12 and stats["samples_by_set"][CONTEXT_SET] == 12
+    answers = [tokenizer.decode(list(s.tokens[s.prompt_length:]), skip_special_tokens=True).strip()
+               for s in train if s.prompt_set == "file"]
+    for sample in context:
+        prompt = tokenizer.decode(list(sample.tokens[:sample.prompt_length]), skip_special_tokens=True)
+        assert any(answer and answer in prompt for answer in answers), prompt
+    without, _, stats = gather_data(verifier, tokenizer, TrainOptions(**base, context_prompts=0), deadline=float("inf"))
+    assert stats["context_prompts"] == 0 and not any(s.prompt_set == CONTEXT_SET for s in without)
+    # context_prompts() alone: the requested count, the set's name, the passage inside the text
+    made = context_prompts(["alpha beta gamma"], 3, seed=0)
+    assert len(made) == 3 and all(r["set"] == CONTEXT_SET and "alpha beta gamma" in r["messages"][0]["content"]
+                                  for r in made)
+    assert context_prompts([], 3, seed=0) == [] and context_prompts(["x"], 0, seed=0) == []
+
+
+def test_generation_halves_its_batch_when_the_gpu_runs_out_of_memory():
+    """A batch too wide for the GPU halves and goes on (no prompt lost, none twice), rather than
+    ending the run."""
+    from specmesh.drafter_training.data import sample_generations
+
+    verifier = _peaky_verifier(seed=4)
+    widths = []
+    real_generate = verifier.generate
+
+    def generate(**kwargs):
+        widths.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_generate(**kwargs)
+
+    verifier.generate = generate
+    prompts = [[5 + i, 6, 7] for i in range(10)]
+    samples = sample_generations(verifier, prompts, max_new_tokens=4, temperature=0.0, batch_size=16,
+                                 eos_token_ids=[], pad_token_id=0, seed=0)
+    assert widths[:4] == [10, 8, 4, 2] and max(widths[4:]) <= 2
+    assert [list(s.tokens[:s.prompt_length]) for s in samples] == prompts

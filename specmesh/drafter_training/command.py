@@ -84,7 +84,9 @@ def format_summary(report: dict[str, Any], out: str | Path) -> str:
     if tf.get("num_positions"):
         lines.append(f"held-out top-1 agreement: {tf['top1_agreement']:.1%} "
                      f"(untrained {evaluation['untrained_top1_agreement']:.1%}); by set: {tf['top1_agreement_by_set']}")
-    for name, label in (("held_out_chat", "held-out chat prompts"), ("bench_chat", "`specmesh bench` chat prompts")):
+    for name, label in (("held_out_chat", "held-out chat prompts"), ("bench_chat", "`specmesh bench` chat prompts"),
+                        ("bench_code", "`specmesh bench` code prompts"),
+                        ("bench_summarisation", "`specmesh bench` summarisation prompts")):
         greedy = evaluation.get("greedy_text", {}).get(name)
         if greedy and greedy.get("top1_agreement") is not None:
             lines.append(f"top-1 agreement on greedy text of {greedy['prompts']} {label}: {greedy['top1_agreement']:.1%}")

@@ -17,6 +17,7 @@ drafter is measured on phrasing it has not seen.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from specmesh.errors import SpecmeshError
+
+log = logging.getLogger(__name__)
 
 PROMPT_SETS = ("chat", "code", "structured")
 
@@ -207,6 +210,44 @@ def _varied_chat_prompts(seed: int = 7) -> list[list[dict[str, str]]]:
     return out
 
 
+# Requests that carry a passage and ask about it (summarise, list its facts, rewrite it):
+# serving workloads do this a lot (`specmesh bench`'s summarisation set, RAG), and the verifier's
+# answer there copies from the prompt. A drafter that never saw such requests does not learn to
+# copy. The passages are the verifier's own greedy answers to training prompts, so no text from
+# outside (and none of the bench's articles) is needed.
+_CONTEXT_TEMPLATES = (
+    "Summarize this text in two sentences:\n\n{p}",
+    "Summarize this article in one sentence:\n\n{p}",
+    "Repeat the key facts of this text as a bulleted list:\n\n{p}",
+    "Summarize: {p}",
+    "What is the main point of this passage?\n\n{p}",
+    "Rewrite this paragraph in simpler words:\n\n{p}",
+    "List three facts mentioned in the following text.\n\n{p}",
+    "{p}\n\nSummarize the text above briefly.",
+    "Read the passage and answer: what is it about?\n\n{p}",
+    "Turn this text into a short numbered list of its points:\n\n{p}",
+)
+CONTEXT_SET = "context"
+
+
+def context_prompts(passages: Sequence[str], count: int, seed: int) -> list[dict[str, Any]]:
+    """Up to `count` chat requests {"messages", "set": "context"}, each a template above filled
+    with one passage (a seeded choice; passages are used once each, then again if count needs it)."""
+    usable = [p.strip() for p in passages if p and p.strip()]
+    if not usable or count <= 0:
+        return []
+    rng = random.Random(seed)
+    order = list(range(len(usable)))
+    rng.shuffle(order)
+    bench = _bench_texts()
+    out: list[dict[str, Any]] = []
+    for i in range(count):
+        text = rng.choice(_CONTEXT_TEMPLATES).format(p=usable[order[i % len(order)]])
+        if text.strip() not in bench:
+            out.append({"messages": [{"role": "user", "content": text}], "set": CONTEXT_SET})
+    return out
+
+
 def _bench_texts() -> set[str]:
     from specmesh.workloads import WORKLOADS
 
@@ -295,7 +336,7 @@ class Sample:
 
     tokens: tuple[int, ...]
     prompt_length: int
-    prompt_set: str = ""  # "chat", "code", "structured" or "file"
+    prompt_set: str = ""  # "chat", "code", "structured", "context" or "file"
 
     @property
     def num_completion_tokens(self) -> int:
@@ -355,7 +396,8 @@ def sample_generations(
     samples: list[Sample] = []
     produced = 0
     eos = set(int(t) for t in eos_token_ids)
-    for start in range(0, len(prompts), batch_size):
+    start = 0
+    while start < len(prompts):
         if samples and deadline is not None and time.monotonic() >= deadline:
             break  # (the first batch always runs: some data beats none)
         if max_tokens is not None and produced >= max_tokens:
@@ -363,19 +405,31 @@ def sample_generations(
         batch = [list(p) for p in prompts[start:start + batch_size]]
         input_ids, attention_mask = _left_padded(batch, pad_token_id, device)
         torch.manual_seed(generator_seed + start)  # seeds CPU and CUDA generators alike
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=1.0,  # the verifier's own distribution: no truncation
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_token_id,
-            eos_token_id=list(eos) or None,
-        )
+        try:
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=1.0,  # the verifier's own distribution: no truncation
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_token_id,
+                eos_token_id=list(eos) or None,
+            )
+        except torch.OutOfMemoryError:
+            # A larger verifier (or a smaller GPU) than the default batch was sized for: halve
+            # the batch and go on, rather than losing the run.
+            if batch_size == 1:
+                raise
+            del input_ids, attention_mask
+            torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            log.warning("generation ran out of GPU memory; batch halved to %d", batch_size)
+            continue
         continuations = output[:, input_ids.shape[1]:].tolist()
-        sets = list(prompt_sets[start:start + batch_size]) if prompt_sets is not None else [""] * len(batch)
+        sets = list(prompt_sets[start:start + len(batch)]) if prompt_sets is not None else [""] * len(batch)
+        start += len(batch)
         for prompt, continuation, prompt_set in zip(batch, continuations, sets):
             kept: list[int] = []
             for token in continuation:

@@ -25,6 +25,7 @@ from specmesh.drafter_training.batches import logits_at, make_batch, plan_batche
 from specmesh.drafter_training.data import (
     Sample,
     builtin_prompts,
+    context_prompts,
     encode_request,
     load_prompt_file,
     sample_generations,
@@ -65,9 +66,12 @@ class TrainOptions:
     # drafts on exactly that text, and sampled text alone under-represents it (the greedy-text
     # agreement the evaluation reports is what a greedy deployment accepts).
     greedy_pass: bool = True
+    # Requests carrying a passage to summarise or rewrite (data.context_prompts), made from the
+    # greedy pass's answers; None: a third as many as training prompts; 0: none. Needs greedy_pass.
+    context_prompts: int | None = None
     held_out_fraction: float = 0.05
     max_held_out_samples: int = 48
-    generation_batch_size: int | None = None  # None: 1536 on CUDA, 8 on CPU
+    generation_batch_size: int | None = None  # None: 3072 on CUDA, 8 on CPU
     batch_tokens: int | None = None  # padded tokens per training batch; None: 16384 CUDA, 2048 CPU
     learning_rate: float = 1e-3
     head_learning_rate: float = 3e-3
@@ -94,6 +98,10 @@ class TrainOptions:
             problems.append(f"--device must be cpu or cuda, got {self.device!r}")
         if self.draft_vocab is not None and self.draft_vocab < 0:
             problems.append(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
+        if self.generation_batch_size is not None and self.generation_batch_size <= 0:
+            problems.append(f"--generation-batch must be positive, got {self.generation_batch_size}")
+        if self.context_prompts is not None and self.context_prompts < 0:
+            problems.append(f"--context-prompts must be >= 0, got {self.context_prompts}")
         if not 0 < self.data_share < 1:
             problems.append(f"data_share must be in (0, 1), got {self.data_share}")
         if problems:
@@ -149,13 +157,34 @@ def _split_requests(options: TrainOptions) -> tuple[list[dict[str, Any]], list[d
 
 def greedy_eval_prompts(tokenizer: Any, options: TrainOptions) -> dict[str, list[list[int]]]:
     """Encoded prompts for the greedy-text evaluation: held-out chat prompts (held-out prompts of
-    the user's file when there is one) and the `specmesh bench` chat prompts, never trained on."""
+    the user's file when there is one) and the `specmesh bench` prompts (chat, code and
+    summarisation with context), never trained on."""
     from specmesh.workloads import load_workload
 
     _, _, held = _split_requests(options)
     chat = [r for r in held if r["set"] in ("chat", "file")][:options.greedy_eval_prompts]
     encode = lambda r: encode_request(tokenizer, r, options.max_prompt_tokens)  # noqa: E731
-    return {"held_out_chat": [encode(r) for r in chat], "bench_chat": [encode(r) for r in load_workload("chat")]}
+    return {"held_out_chat": [encode(r) for r in chat],
+            **{f"bench_{name}": [encode(r) for r in load_workload(name)] for name in ("chat", "code", "summarisation")}}
+
+
+def _context_count(options: TrainOptions, train_requests: list[dict[str, Any]]) -> int:
+    """How many context requests (see data.context_prompts) join the training prompts."""
+    if options.context_prompts is not None:
+        return options.context_prompts
+    return len(train_requests) // 3
+
+
+def _context_passages(tokenizer: Any, samples: list[Sample], eos: list[int]) -> list[str]:
+    """Greedy answers of 30-160 tokens to chat prompts (long enough to summarise; short enough
+    that a request carrying one stays within max_prompt_tokens), as text without the end token."""
+    ends = set(eos)
+    passages = []
+    for sample in samples:
+        completion = [t for t in sample.tokens[sample.prompt_length:] if t not in ends]
+        if sample.prompt_set in ("chat", "file") and 30 <= len(completion) <= 160:
+            passages.append(tokenizer.decode(completion, skip_special_tokens=True))
+    return passages
 
 
 def gather_data(verifier: Any, tokenizer: Any, options: TrainOptions, deadline: float,
@@ -167,15 +196,11 @@ def gather_data(verifier: Any, tokenizer: Any, options: TrainOptions, deadline: 
     eos = eos_token_ids(verifier, tokenizer)
     pad = _pad_id(tokenizer, eos)
     # HF generate's step time on a small model is mostly per-step overhead: wider batches are
-    # nearly free tokens on a GPU (an H200 holds 1536 x 512 positions of SmolLM2's cache in ~7 GB).
-    batch_size = options.generation_batch_size or (1536 if _cuda(options) else 8)
+    # nearly free tokens on a GPU (an H200 holds 3072 x 512 positions of SmolLM2's cache in ~14 GB).
+    batch_size = options.generation_batch_size or (3072 if _cuda(options) else 8)
     rng = random.Random(options.seed)
-    order: list[dict[str, Any]] = []
-    for _ in range(options.samples_per_prompt):  # round after round: every prompt once per round
-        round_requests = list(train_requests)
-        rng.shuffle(round_requests)
-        order += round_requests
-    target = options.max_data_tokens or len(order) * options.max_new_tokens // 2
+    rounds = options.samples_per_prompt  # every prompt once per round, in a new order each round
+    target = options.max_data_tokens or rounds * len(train_requests) * options.max_new_tokens // 2
     done = [0.0]
 
     def on_tokens(n: int) -> None:
@@ -183,23 +208,38 @@ def gather_data(verifier: Any, tokenizer: Any, options: TrainOptions, deadline: 
         if progress is not None:
             progress("data", done[0], target)
 
-    common = dict(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                  batch_size=batch_size, eos_token_ids=eos, pad_token_id=pad, on_tokens=on_tokens)
+    common = dict(max_new_tokens=options.max_new_tokens, batch_size=batch_size, eos_token_ids=eos,
+                  pad_token_id=pad, on_tokens=on_tokens)
     started = time.monotonic()
-    held = sample_generations(verifier, [encode(r) for r in held_requests],
-                              prompt_sets=[r["set"] for r in held_requests], seed=options.seed + 1, **common)
-    greedy_count = len(train_requests) if options.greedy_pass else 0
+    held = sample_generations(verifier, [encode(r) for r in held_requests], prompt_sets=[r["set"] for r in held_requests],
+                              seed=options.seed + 1, temperature=options.temperature, **common)
     train: list[Sample] = []
-    for part, temperature in ((order[:greedy_count], 0.0), (order[greedy_count:], options.temperature)):
-        if not part or (train and time.monotonic() >= deadline):
-            continue
+    context: list[dict[str, Any]] = []
+
+    def generate(part: list[dict[str, Any]], temperature: float) -> None:
         remaining = None if options.max_data_tokens is None else options.max_data_tokens - sum(
             s.num_completion_tokens for s in train)
-        if remaining is not None and remaining <= 0:
-            break
-        train += sample_generations(verifier, [encode(r) for r in part], prompt_sets=[r["set"] for r in part],
-                                    seed=options.seed + 2 + len(train), deadline=deadline, max_tokens=remaining,
-                                    **{**common, "temperature": temperature})
+        if not part or (train and time.monotonic() >= deadline) or (remaining is not None and remaining <= 0):
+            return
+        train.extend(sample_generations(verifier, [encode(r) for r in part], prompt_sets=[r["set"] for r in part],
+                                        seed=options.seed + 2 + len(train), deadline=deadline, max_tokens=remaining,
+                                        temperature=temperature, **common))
+
+    first_round = list(train_requests)
+    rng.shuffle(first_round)
+    if options.greedy_pass:
+        generate(first_round, 0.0)
+        # Passages for the context set: the verifier's own greedy answers, then one greedy pass
+        # over the context requests too (greedy serving drafts on exactly that text).
+        context = context_prompts(_context_passages(tokenizer, train, eos), _context_count(options, train_requests),
+                                  options.seed + 3)
+        generate(context, 0.0)
+    sampled: list[dict[str, Any]] = [] if options.greedy_pass else first_round
+    for _ in range(rounds - 1):
+        round_requests = list(train_requests) + context
+        rng.shuffle(round_requests)
+        sampled += round_requests
+    generate(sampled, options.temperature)
     seconds = time.monotonic() - started
     completion = sum(s.num_completion_tokens for s in train)
     stats = {
@@ -208,7 +248,10 @@ def gather_data(verifier: Any, tokenizer: Any, options: TrainOptions, deadline: 
         "held_out_completion_tokens": sum(s.num_completion_tokens for s in held),
         "generation_seconds": round(seconds, 1),
         "generation_tokens_per_s": round((completion + sum(s.num_completion_tokens for s in held)) / max(seconds, 1e-9), 1),
-        "temperature": options.temperature, "greedy_pass_samples": min(greedy_count, len(train)),
+        "temperature": options.temperature,
+        "greedy_pass_samples": min(len(train_requests) if options.greedy_pass else 0, len(train)),
+        "context_prompts": len(context),
+        "samples_by_set": {name: sum(s.prompt_set == name for s in train) for name in sorted({s.prompt_set for s in train})},
         "prompt_source": options.prompts_file or "built-in (chat, code, structured)",
     }
     return train, held, stats
