@@ -30,7 +30,9 @@ down to 0 (plain decoding), so speculation does not make the system slower.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -124,6 +126,8 @@ def admission_survivals(confidences: Sequence[float], num_drafts: int, table: Ca
                         position_acceptances: Sequence[float]) -> list[float]:
     """a'_j for drafts j = 0..num_drafts-1: the survival estimate that decides whether draft j
     is verified. Reads confidences[:j] only (never draft j's own), non-increasing in j."""
+    if isinstance(table, AcceptanceGrid):
+        return _grid_admission_survivals(confidences, num_drafts, table, position_acceptances)
     out: list[float] = []
     prefix = 1.0  # prod_{i<j} c^(i, conf_i)
     previous = 1.0
@@ -133,6 +137,37 @@ def admission_survivals(confidences: Sequence[float], num_drafts: int, table: Ca
         previous = value
         # Only now may draft j's confidence enter: it feeds the estimates of drafts after j.
         prefix *= table.acceptance(j, confidences[j]) if j < len(confidences) else position_acceptances[j]
+    return out
+
+
+def _grid_admission_survivals(confidences: Sequence[float], num_drafts: int, grid: AcceptanceGrid,
+                              position_acceptances: Sequence[float]) -> list[float]:
+    """`admission_survivals` with `AcceptanceGrid.acceptance` inlined, the same arithmetic in
+    the same order (so the same bits): the policy runs it for every draft of every session
+    each round, and at 64 sessions two method calls per draft were a third of verify_lengths."""
+    base, scale, num_buckets, last_row = grid.base, grid.scale, grid.num_buckets, grid.last_row
+    top_bucket = num_buckets - 1
+    num_known = len(confidences)
+    out: list[float] = []
+    prefix = 1.0
+    previous = 1.0
+    for j in range(num_drafts):
+        value = prefix * position_acceptances[j]
+        if not value < previous:  # min(previous, value), which keeps `previous` on a tie
+            value = previous
+        out.append(value)
+        previous = value
+        if j < num_known:
+            confidence = confidences[j]
+            row = (j if j < last_row else last_row) * num_buckets
+            if not confidence > 0.0:  # also NaN: the first bucket, prior mean 0
+                prefix *= base[row]
+            else:
+                bucket = int(confidence * num_buckets)
+                index = row + (bucket if bucket < top_bucket else top_bucket)
+                prefix *= base[index] + scale[index] * (confidence if confidence < 1.0 else 1.0)
+        else:
+            prefix *= position_acceptances[j]
     return out
 
 
@@ -159,15 +194,28 @@ def choose_verify_lengths(survivals: Sequence[Sequence[float]], base_tokens: int
     tau = float(len(survivals))
     batch_tokens = base_tokens
     best = tau / round_seconds(batch_tokens)
-    candidates = sorted((-a, j, r) for r, curve in enumerate(survivals) for j, a in enumerate(curve))
-    for negative_survival, j, r in candidates:
+    # The ranking is sorted((-a, j, r)) over every candidate. Each curve is non-increasing, so
+    # each session's candidates already come in that order, and merging the sessions' heads
+    # through a heap yields the same sequence while computing only the part the early stop
+    # reaches (a busy round admits a few of its hundreds of candidates).
+    heap = [(-curve[0], 0, r) for r, curve in enumerate(survivals) if len(curve)]
+    heapq.heapify(heap)
+    heapreplace, heappop = heapq.heapreplace, heapq.heappop
+    while heap:
+        negative_survival, j, r = heap[0]
         value = (tau - negative_survival) / round_seconds(batch_tokens + 1)
         if not value > best:
             break  # the early stop: nothing ranked later is admitted
         tau -= negative_survival
         batch_tokens += 1
         best = value
-        lengths[r] = j + 1
+        j += 1
+        lengths[r] = j
+        curve = survivals[r]
+        if j < len(curve):
+            heapreplace(heap, (-curve[j], j, r))  # the session's next candidate
+        else:
+            heappop(heap)
     return lengths, best
 
 
@@ -182,10 +230,17 @@ def choose_draft_length(caps: Sequence[int], survival: Sequence[float], base_tok
     cumulative = [0.0]
     for value in survival:
         cumulative.append(cumulative[-1] + value)
+    shortest = min(caps, default=0)
     for k in range(1, max(caps, default=0) + 1):
-        lengths = [min(k, cap) for cap in caps]
-        tau = num_sessions + sum(cumulative[length] for length in lengths)
-        value = tau / round_seconds(base_tokens + sum(lengths), max(lengths))
+        if k <= shortest:
+            # Every session drafts k: the same terms summed in the same order, without a pass
+            # over the sessions per term (64 sessions x 8 lengths a round).
+            tau = num_sessions + sum([cumulative[k]] * num_sessions)
+            value = tau / round_seconds(base_tokens + k * num_sessions, k)
+        else:
+            lengths = [min(k, cap) for cap in caps]
+            tau = num_sessions + sum(cumulative[length] for length in lengths)
+            value = tau / round_seconds(base_tokens + sum(lengths), max(lengths))
         if value > best:
             best_k, best = k, value
     return best_k, best if best_k else plain
@@ -235,6 +290,8 @@ class AdaptiveBudgetPolicy:
         # drafter then never drafted, where drafting 3 would have paid ~1.2x.
         self.plain_overhead = LoadBucketedFit(half_life, without_spread="intercept")
         self.last_plan: BatchPlan | None = None
+        self._forward_profile: CostProfile | None = None  # see _forward_seconds_memo
+        self._forward_memo: dict[int, float] = {}
         # Timing marks of rounds in progress, keyed by the round's session ids.
         # (start, steps, sessions drafting, whether the draft-cost fit learns from it)
         self._draft_marks: dict[frozenset[str], tuple[float, int, int, bool]] = {}
@@ -257,11 +314,13 @@ class AdaptiveBudgetPolicy:
                                     verifier=verifier, config=self.config, clock=self.clock)
 
     # ---- costs -------------------------------------------------------------------------------
-    def verify_seconds_fn(self, sessions: int, base_tokens: int | None) -> Callable[[int], float]:
+    def verify_seconds_fn(self, sessions: int, base_tokens: int | None,
+                          plus_seconds: float | None = None) -> Callable[[int], float]:
         """Seconds of one verify round of `sessions` sessions as a function of B (profile +
         measured overhead; B = base_tokens is a round without drafts, and None prices every B as
         a round with drafts), with the profile and measurements looked up once (the greedy calls
-        it per candidate)."""
+        it per candidate). plus_seconds: a constant added in front (`plus_seconds + seconds(B)`,
+        the same sum a wrapper would form) without the wrapper's extra call per candidate."""
         profile = self.cost_profiles.profile(self.verifier)
         if profile is not None:
             now = self.clock()
@@ -270,16 +329,35 @@ class AdaptiveBudgetPolicy:
             # Either borrows the other's until it has rounds of its own (a drafter never tried
             # is priced like plain decoding, so it gets tried).
             drafting, plain = drafting or plain or (0.0, 0.0), plain or drafting or (0.0, 0.0)
+            forward = self._forward_seconds_memo(profile)
+            plain_below = base_tokens if base_tokens is not None else -math.inf  # B <= this: a plain round
 
             def seconds(batch_tokens: int) -> float:
-                intercept, slope = plain if base_tokens is not None and batch_tokens <= base_tokens else drafting
-                return profile.forward_seconds(batch_tokens) + intercept + slope * batch_tokens
+                intercept, slope = plain if batch_tokens <= plain_below else drafting
+                forward_seconds = forward.get(batch_tokens)
+                if forward_seconds is None:
+                    forward_seconds = forward[batch_tokens] = profile.forward_seconds(batch_tokens)
+                if plus_seconds is None:
+                    return forward_seconds + intercept + slope * batch_tokens
+                return plus_seconds + (forward_seconds + intercept + slope * batch_tokens)
             return seconds
         coefficients = self.verify_cost.coefficients(sessions, self.clock())
         if coefficients is None or coefficients[0] + coefficients[1] <= 0:
-            return lambda batch_tokens: _UNKNOWN_FORWARD_SECONDS
+            if plus_seconds is None:
+                return lambda batch_tokens: _UNKNOWN_FORWARD_SECONDS
+            return lambda batch_tokens: plus_seconds + _UNKNOWN_FORWARD_SECONDS
         intercept, slope = coefficients
-        return lambda batch_tokens: max(intercept + slope * batch_tokens, 1e-6)
+        if plus_seconds is None:
+            return lambda batch_tokens: max(intercept + slope * batch_tokens, 1e-6)
+        return lambda batch_tokens: plus_seconds + max(intercept + slope * batch_tokens, 1e-6)
+
+    def _forward_seconds_memo(self, profile: CostProfile) -> dict[int, float]:
+        """profile.forward_seconds by batch size, remembered while the profile stays the same
+        object: a busy round's greedy asks for a few hundred sizes, each a walk along the
+        profile's points, and the next round asks for the same ones again."""
+        if self._forward_profile is not profile or len(self._forward_memo) > 4096:
+            self._forward_profile, self._forward_memo = profile, {}
+        return self._forward_memo
 
     def draft_seconds_fn(self, sessions: int) -> Callable[[int], float]:
         """Seconds of drafting `steps` tokens for `sessions` sessions on the round's critical
@@ -321,18 +399,26 @@ class AdaptiveBudgetPolicy:
             # re-feed its history first, an eager forward several times a draft step (GPU bench:
             # 33 ms against ~4 ms), and a fit of a few lengths apart is ruled by such outliers.
             # A brand-new session does not count: the loop prefills it beside the verifier.
-            drafting = [s for s in sessions if lengths.get(s.session_id, 0) > 0 and not s.drafter_cold]
-            catch_up = max((s.drafter_unseen for s in drafting), default=0)
             # Timed only when most drafting sessions draft the round's full length: the fit prices
             # a common length k, and a round whose sessions mostly stop short (near their token
             # limit, the end of a wave) takes k steps of a smaller batch (GPU bench, 64 sessions:
             # 8 steps in 12 ms against 4 steps in 17), which flattened the fitted step cost.
             longest = max(lengths.values(), default=0)
-            full = sum(1 for s in drafting if lengths[s.session_id] == longest)
+            drafting = full = 0
+            catch_up: int | None = None  # the most any drafting session must catch up on
+            for s in sessions:
+                k = lengths.get(s.session_id, 0)
+                if k > 0 and not s.drafter_cold:
+                    drafting += 1
+                    unseen = s.drafter_unseen
+                    if catch_up is None or unseen > catch_up:
+                        catch_up = unseen
+                    if k == longest:
+                        full += 1
             # Keyed by the sessions that draft in the call: what a step costs depends on them.
-            self._draft_marks[self._round_key(sessions)] = (self.clock(), longest, len(drafting),
-                                                            catch_up <= self.config.max_timed_catch_up
-                                                            and 4 * full >= 3 * len(drafting))
+            self._draft_marks[self._round_key(sessions)] = (self.clock(), longest, drafting,
+                                                            (catch_up or 0) <= self.config.max_timed_catch_up
+                                                            and 4 * full >= 3 * drafting)
             self._trim(self._draft_marks)
         return lengths
 
@@ -503,15 +589,15 @@ class AdaptiveBudgetPolicy:
         # draft (positions only). Charged to the first candidate here, it stops the greedy
         # before a prefix that pays for it (GPU bench, 64 sessions: 8 drafts drafted, 1.2
         # verified), and looking past the first candidate would read drafts' own confidences.
-        verify_seconds = self.verify_seconds_fn(len(sessions), None if any(available) else base_tokens)
-        seconds = lambda batch_tokens: drafted_seconds + verify_seconds(batch_tokens)  # noqa: E731
+        # drafted_seconds + verify seconds(B), as one function: the greedy calls it per candidate.
+        seconds = self.verify_seconds_fn(len(sessions), None if any(available) else base_tokens, drafted_seconds)
         if not any(available):
             self.last_plan = BatchPlan({s.session_id: 0 for s in sessions}, float(len(sessions)), base_tokens,
                                        seconds(base_tokens))
             return dict(self.last_plan.lengths)
         table = self.calibration.table(self.model_pair)
         positions = table.position_acceptances(max(available))
-        grid = table.grid()
+        grid = table.grid(max(available))  # the rows this round reads
         survivals = []
         for s, n in zip(sessions, available):
             chunk = chunks.get(s.session_id)

@@ -77,21 +77,37 @@ def observations_from(outcomes: Iterable[RoundOutcome], config: CalibrationConfi
     the first rejection were never judged on their own and are not counted. Rounds without a
     usable chunk (no drafter, cache misses) teach nothing.
     """
-    cells: dict[tuple[int, int], list[float]] = {}
+    # Cells by flat index (row * num_buckets + bucket: sorts like (row, bucket)), with
+    # CalibrationConfig.row_of and bucket_of inlined: this runs for every offered draft of every
+    # session each round, and at 64 sessions the two method calls per draft were most of it.
+    num_buckets, last_row = config.num_buckets, config.max_positions - 1
+    top_bucket = num_buckets - 1
+    cells: dict[int, list[float]] = {}
     for outcome in outcomes:
         chunk, item, result = outcome.chunk, outcome.item, outcome.result
         if chunk is None or chunk.cache_miss or result.cache_miss:
             continue
         num_verified = len(item.draft_tokens)
         accepted = max(0, min(result.accepted_count, num_verified))
-        num_offered = min(num_verified, accepted + 1, len(chunk.confidences))
+        confidences = chunk.confidences
+        num_offered = min(num_verified, accepted + 1, len(confidences))
         for j in range(num_offered):
-            key = (config.row_of(j), config.bucket_of(chunk.confidences[j]))
-            cell = cells.setdefault(key, [0.0, 0.0])
+            confidence = confidences[j]
+            if not confidence > 0.0:  # also catches NaN
+                bucket = 0
+            else:
+                bucket = int(confidence * num_buckets)
+                if bucket > top_bucket:
+                    bucket = top_bucket
+            index = (j if j < last_row else last_row) * num_buckets + bucket
+            cell = cells.get(index)
+            if cell is None:
+                cell = cells[index] = [0.0, 0.0]
             cell[0] += 1.0
             if j < accepted:
                 cell[1] += 1.0
-    return [Observation(p, b, o, a) for (p, b), (o, a) in sorted(cells.items())]
+    return [Observation(index // num_buckets, index % num_buckets, offered, accepted)
+            for index, (offered, accepted) in sorted(cells.items())]
 
 
 def decay_factor(elapsed_s: float, half_life_s: float) -> float:
@@ -190,12 +206,18 @@ class CalibrationTable:
         w = self.config.prior_weight
         return (min(accepted, offered) + w * prior_mean) / (offered + w)
 
-    def grid(self) -> AcceptanceGrid:
-        """A snapshot of `acceptance` for one round's many lookups."""
+    def grid(self, num_positions: int | None = None) -> AcceptanceGrid:
+        """A snapshot of `acceptance` for one round's many lookups; with num_positions, of
+        positions 0..num_positions-1 only (a round of 8 drafts reads 8 of the 16 rows, and the
+        snapshot is taken every round): asking it about a later position is an IndexError."""
         w = self.config.prior_weight
+        cells = len(self.offered)
+        if num_positions is not None and num_positions < self.config.max_positions:
+            cells = max(num_positions, 0) * self.config.num_buckets
+        offered, accepted = self.offered[:cells], self.accepted[:cells]
         return AcceptanceGrid(self.config.num_buckets, self.config.max_positions - 1,
-                              tuple(min(a, o) / (o + w) for o, a in zip(self.offered, self.accepted)),
-                              tuple(w / (o + w) for o in self.offered))
+                              tuple(min(a, o) / (o + w) for o, a in zip(offered, accepted)),
+                              tuple(w / (o + w) for o in offered))
 
     def position_acceptances(self, num_positions: int) -> list[float]:
         """ĉ marginalised over confidence for positions 0..num_positions-1.

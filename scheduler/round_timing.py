@@ -17,6 +17,7 @@ in the round), since what a step costs depends on how many sessions share it.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 
@@ -78,20 +79,36 @@ class LinearFit:
             return None
         # Points too faint to matter again are dropped (keeps reading cheap); only those that
         # hold their share speak. Sums stay scaled: every ratio below is unchanged by the scale.
-        for x in [x for x, (w, _) in self.points.items() if w < 1e-4 * scale]:
-            del self.points[x]
+        # One pass sorts the points into faint and speaking, and the sums run over columns with
+        # map(): the verify fits hold a point per batch size seen (~100 at 64 sessions), and
+        # this is read twice a round. Each sum is the same sum() over the same terms in the
+        # same order as a generator over the points would give, so the bits are the same.
+        faint = 1e-4 * scale
         threshold = self.min_point_share * self.scaled_weight
-        speaking = [(x, w, sum_y) for x, (w, sum_y) in self.points.items() if w >= threshold]
-        weight = sum(w for _, w, _ in speaking)
+        dropped = []
+        xs: list[float] = []
+        ws: list[float] = []
+        ys: list[float] = []
+        for x, (w, sum_y) in self.points.items():
+            if w < faint:
+                dropped.append(x)
+            elif w >= threshold:
+                xs.append(x)
+                ws.append(w)
+                ys.append(sum_y)
+        for x in dropped:
+            del self.points[x]
+        weight = sum(ws)
         if weight <= 0:
             return None
-        mean_x = sum(w * x for x, w, _ in speaking) / weight
-        mean_y = sum(sum_y for _, _, sum_y in speaking) / weight
-        mean_xx = sum(w * x * x for x, w, _ in speaking) / weight
-        mean_xy = sum(x * sum_y for x, _, sum_y in speaking) / weight
+        weighted_x = list(map(operator.mul, ws, xs))  # w * x
+        mean_x = sum(weighted_x) / weight
+        mean_y = sum(ys) / weight
+        mean_xx = sum(map(operator.mul, weighted_x, xs)) / weight  # (w * x) * x
+        mean_xy = sum(map(operator.mul, xs, ys)) / weight
         var_x = mean_xx - mean_x * mean_x
         through_origin = (0.0, max(mean_xy / mean_xx, 0.0)) if mean_xx > 0 else (mean_y, 0.0)  # all marginal
-        if len(speaking) > 1 and var_x > 1e-6 * max(1.0, mean_x * mean_x):
+        if len(xs) > 1 and var_x > 1e-6 * max(1.0, mean_x * mean_x):
             slope = (mean_xy - mean_x * mean_y) / var_x
             intercept = mean_y - slope * mean_x
             if slope >= 0:

@@ -78,7 +78,9 @@ class Session:
         drafts must fit the verifier's context."""
         if self.disable_speculation:
             return 0
-        limit = min(self.remaining - 1, context_limit - len(self.tokens))
+        # remaining - 1 spelled out: the policy asks this of every session twice a round.
+        num_tokens = len(self.tokens)
+        limit = min(self.max_tokens - (num_tokens - len(self.prompt_tokens)) - 1, context_limit - num_tokens)
         if self.max_draft_tokens is not None:
             limit = min(limit, self.max_draft_tokens)
         return max(limit, 0)
