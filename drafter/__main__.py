@@ -57,6 +57,8 @@ def main(
     draft_ahead_tokens: int = typer.Option(4, "--draft-ahead-tokens", envvar=_env("draft_ahead_tokens"),
                                            help="Tokens drafted ahead per session while its chunk is verified "
                                                 "(0 = off)."),
+    context_copy: bool = typer.Option(True, "--context-copy/--no-context-copy", envvar=_env("context_copy"),
+                                      help="Copy from the context where it repeats and the model is unsure."),
     batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", envvar=_env("batch_wait_ms"),
                                         help="How long a sync waits for others to share its forward."),
     dtype: str = typer.Option("float32", envvar=_env("dtype"), help="float32, bfloat16 or float16."),
@@ -81,6 +83,7 @@ def main(
             model=model, verifier_model=verifier_model, host=host, port=port, num_slots=num_slots,
             max_context=max_context, draft_top_k=draft_top_k, max_draft_tokens=max_draft_tokens,
             idle_ttl_s=idle_ttl_s, draft_ahead_tokens=draft_ahead_tokens, batch_wait_ms=batch_wait_ms,
+            context_copy=context_copy,
             dtype=dtype, device=device, profile_batch_sizes=_parse_sizes(profile_batch_sizes), grace_s=grace_s,
             metrics_port=metrics_port,
         )

@@ -29,6 +29,9 @@ class DrafterConfig:
     idle_ttl_s: float = 600.0  # sessions idle this long are dropped (answer CACHE_MISS); 0 = never
     # Tokens drafted ahead per session while its chunk is being verified; 0 disables it.
     draft_ahead_tokens: int = 4
+    # A model drafter proposes the context's continuation where the context repeats and the
+    # model is unsure (drafter/context_copy.py); output stays exact either way.
+    context_copy: bool = True
     # How long the first sync of a batch waits for syncs of other sessions and streams.
     batch_wait_ms: float = 2.0
     dtype: str = "float32"  # one of DTYPES

@@ -19,6 +19,9 @@ A drafter with a draft vocabulary (an LM head over K chosen tokens, `specmesh tr
 confidence head reads logits in that space, and the drafted index and q's indices are mapped
 back to token ids before anything leaves the drafter. q has no mass outside the K tokens,
 which the verifier's rejection rule handles like any q.
+
+With a `ContextCopyRule` (drafter/context_copy.py) a step where the model is unsure and the
+context repeats proposes the token that followed the match instead, with q the point mass on it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from drafter.context_copy import ContextCopyRule, NgramIndex
 from specmesh.distributions import draft_distribution, greedy_drafts, make_generator
 from specmesh.errors import InvalidRequestError
 from specmesh.model_runner import ForwardRequest, ModelRunner
@@ -95,6 +99,8 @@ class _Path:
     drafts: list[tuple[float, SparseDistribution]] = field(default_factory=list)
     params: SamplingParams | None = None
     sent_length: int = 0  # end of the tokens the last draft() returned
+    # Bigram positions of `tokens` (context copying only); kept across syncs, cut where they cut.
+    index: NgramIndex = field(default_factory=NgramIndex)
 
     def append_draft(self, token: int, confidence: float, q: SparseDistribution) -> None:
         self.tokens.append(token)
@@ -114,7 +120,8 @@ class ModelDrafter:
     """Drafts with a small causal LM holding a KV slot per session."""
 
     def __init__(self, runner: ModelRunner, name: str = "model", draft_top_k: int = DEFAULT_DRAFT_TOP_K,
-                 idle_ttl_s: float | None = None, confidence_head: torch.nn.Module | None = None) -> None:
+                 idle_ttl_s: float | None = None, confidence_head: torch.nn.Module | None = None,
+                 context_copy: ContextCopyRule | None = None) -> None:
         self.runner = runner
         self.name = name
         self.draft_top_k = draft_top_k
@@ -133,6 +140,9 @@ class ModelDrafter:
         # without a forward (drafted ahead, or kept from an earlier draft).
         self.num_forwards = 0
         self.num_reused_tokens = 0
+        # Copy from the context where the model is unsure (None: never); tokens so proposed.
+        self.context_copy = context_copy
+        self.num_copied_tokens = 0
 
     @property
     def num_sessions(self) -> int:
@@ -191,9 +201,11 @@ class ModelDrafter:
         num_cached, new = request.num_cached_tokens, request.new_tokens
         committed_length = num_cached + len(new)
         agreeing = _common_prefix(path.tokens, num_cached, new)
+        index = path.index
         if agreeing < len(new):  # the path left the committed sequence: cut it there
             tokens = path.tokens[: num_cached + agreeing] + list(new[agreeing:])
             valid = num_cached + agreeing  # positions whose cached K/V is still right
+            index.truncate(valid)
         else:
             tokens = path.tokens
             valid = len(tokens)
@@ -204,12 +216,13 @@ class ModelDrafter:
         if not keep_drafts:
             del tokens[committed_length:]
             valid = min(valid, committed_length)
+            index.truncate(committed_length)
         # Keep at least one token unfed: its logits are what the next draft comes from.
         keep_cached = max(0, min(cached, valid, len(tokens) - 1))
         slot = self.slots.sync(sid, keep_cached, pinned=pinned)
         assert slot is not None  # keep_cached <= cached, or a fresh session at 0
         self._paths[sid] = _Path(tokens=tokens, session_id=sid, drafts_from=committed_length, drafts=drafts,
-                                 params=request.params, sent_length=committed_length)
+                                 params=request.params, sent_length=committed_length, index=index)
         return slot, self._paths[sid]
 
     def draft(self, requests: Sequence[DraftRequest]) -> list[DraftChunk]:
@@ -294,6 +307,8 @@ class ModelDrafter:
             picks = self._pick(logits, paths)
             if self.confidence_head is not None:
                 picks = self._with_head_confidence(logits, picks)
+            if self.context_copy is not None:
+                picks = self._with_context_copies(logits, paths, picks)
             for path, (token, confidence, q) in zip(paths, picks):
                 path.append_draft(token, confidence, q)
             running = [item for item in running if len(item[1].tokens) < item[2]]
@@ -319,6 +334,32 @@ class ModelDrafter:
             picks = [(ids[token], confidence, SparseDistribution(tuple(ids[i] for i in q.token_ids), q.probs))
                      for token, confidence, q in picks]  # type: ignore[misc]
         return picks  # type: ignore[return-value]
+
+    def _with_context_copies(self, logits: torch.Tensor, paths: Sequence[_Path],
+                             picks: list[tuple[int, float, SparseDistribution]]) -> list[tuple[int, float, SparseDistribution]]:
+        """picks, with the context's continuation in place of the model's token wherever the rule
+        (drafter/context_copy.py) says so. Decided from the tokens and the logits only."""
+        rule = self.context_copy
+        assert rule is not None
+        found: dict[int, int] = {}
+        for b, path in enumerate(paths):
+            path.index.extend(path.tokens)
+            match = path.index.continuation(path.tokens, rule.max_ngram, rule.min_ngram)
+            if match is not None:
+                found[b] = match[0]
+        if not found:
+            return picks
+        # The model's top probability at temperature 1, whatever the request's temperature:
+        # the same logits give the same decision in greedy and sampled drafting.
+        rows = list(found)
+        top = logits[rows].float().softmax(dim=-1).amax(dim=-1).tolist()
+        picks = list(picks)
+        for b, probability in zip(rows, top):
+            if probability < rule.below_probability:
+                token = found[b]
+                picks[b] = (token, rule.confidence, SparseDistribution((token,), (1.0,)))
+                self.num_copied_tokens += 1
+        return picks
 
     @torch.inference_mode()
     def _with_head_confidence(self, logits: torch.Tensor, picks: list[tuple[int, float, SparseDistribution]]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from drafter.config import DrafterConfig
+from drafter.context_copy import ContextCopyRule
 from drafter.drafting import ModelDrafter
 from drafter.prompt_lookup import PromptLookupDrafter
 from specmesh.drafter_refs import early_exit_model, parse_drafter_ref
@@ -58,4 +59,5 @@ def load_drafter(config: DrafterConfig) -> LoadedDrafter:
 
 def _model_drafter(model: torch.nn.Module, config: DrafterConfig, name: str) -> ModelDrafter:
     runner = ModelRunner(model, config.num_slots, config.max_context)
-    return ModelDrafter(runner, name=name, draft_top_k=config.draft_top_k, idle_ttl_s=config.idle_ttl)
+    return ModelDrafter(runner, name=name, draft_top_k=config.draft_top_k, idle_ttl_s=config.idle_ttl,
+                        context_copy=ContextCopyRule() if config.context_copy else None)

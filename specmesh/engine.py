@@ -38,6 +38,9 @@ class EngineConfig:
     policy: str = "fixed"
     max_draft_tokens: int = 8
     lane_min_sessions: int = 8
+    # Model drafters copy from the context where it repeats and the model is unsure
+    # (drafter/context_copy.py).
+    context_copy: bool = True
 
 
 @dataclass
@@ -196,7 +199,10 @@ def build_drafter(ref: str, verifier_model: torch.nn.Module, verifier_tokenizer,
     from drafter.prompt_lookup import PromptLookupDrafter
     from specmesh.drafter_training.export import is_trained_drafter, load_trained_drafter
 
+    from drafter.context_copy import ContextCopyRule
+
     spec = parse_drafter_ref(ref)
+    copy_rule = ContextCopyRule() if config.context_copy else None
     if spec.kind == "none":
         return None
     if spec.kind == "prompt-lookup":
@@ -204,7 +210,8 @@ def build_drafter(ref: str, verifier_model: torch.nn.Module, verifier_tokenizer,
     if spec.kind == "early-exit":
         model = early_exit_model(verifier_model, spec.num_layers)
         runner = ModelRunner(model, config.num_slots, config.max_context)
-        return ModelDrafter(runner, name=f"layers:{spec.num_layers}", draft_top_k=config.draft_top_k)
+        return ModelDrafter(runner, name=f"layers:{spec.num_layers}", draft_top_k=config.draft_top_k,
+                            context_copy=copy_rule)
     if is_trained_drafter(spec.model_ref):  # `specmesh train-drafter` output: may share the verifier's embedding
         trained = load_trained_drafter(spec.model_ref, verifier_model=verifier_model, dtype=dtype, device=device)
         check_tokenizers_compatible(verifier_tokenizer, trained.tokenizer,
@@ -212,10 +219,10 @@ def build_drafter(ref: str, verifier_model: torch.nn.Module, verifier_tokenizer,
                                     trained.model.get_input_embeddings().num_embeddings)
         runner = ModelRunner(trained.model, config.num_slots, config.max_context)
         return ModelDrafter(runner, name=trained.name, draft_top_k=config.draft_top_k,
-                            confidence_head=trained.confidence_head)
+                            confidence_head=trained.confidence_head, context_copy=copy_rule)
     loaded = load_causal_lm(spec.model_ref, dtype=dtype, device=device)
     check_tokenizers_compatible(verifier_tokenizer, loaded.tokenizer,
                                 verifier_model.get_input_embeddings().num_embeddings,
                                 loaded.model.get_input_embeddings().num_embeddings)
     runner = ModelRunner(loaded.model, config.num_slots, config.max_context)
-    return ModelDrafter(runner, name=loaded.name, draft_top_k=config.draft_top_k)
+    return ModelDrafter(runner, name=loaded.name, draft_top_k=config.draft_top_k, context_copy=copy_rule)

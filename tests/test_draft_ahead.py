@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+from drafter.context_copy import ContextCopyRule
 from drafter.drafting import ModelDrafter
 from specmesh.model_runner import ModelRunner
 from specmesh.records import DraftChunk, DraftRequest
@@ -30,8 +31,10 @@ def model() -> torch.nn.Module:
     return make_tiny_llama(VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, seed=3)
 
 
-def make_drafter(model, num_slots: int = 8, max_context: int = MAX_CONTEXT) -> ModelDrafter:
-    return ModelDrafter(ModelRunner(model, num_slots, max_context), name="tiny", draft_top_k=8)
+def make_drafter(model, num_slots: int = 8, max_context: int = MAX_CONTEXT,
+                 context_copy: ContextCopyRule | None = None) -> ModelDrafter:
+    return ModelDrafter(ModelRunner(model, num_slots, max_context), name="tiny", draft_top_k=8,
+                        context_copy=context_copy)
 
 
 def request(sid: str, num_cached: int, new: list[int], k: int, params: SamplingParams) -> DraftRequest:
@@ -47,14 +50,15 @@ def assert_same_chunk(got: DraftChunk, want: DraftChunk) -> None:
     assert [q.token_ids[0] for q in got.distributions] == [q.token_ids[0] for q in want.distributions]
 
 
+@pytest.mark.parametrize("copy", [None, ContextCopyRule(below_probability=2.0)], ids=["model", "copying"])
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_draft_ahead_never_changes_what_draft_returns(model, params):
+def test_draft_ahead_never_changes_what_draft_returns(model, params, copy):
     """Several sessions through many rounds of a simulated scheduler: verification accepts a
     random number of drafts, then a correction, or (all accepted) a bonus that half the time
     equals the drafter's own ahead token. The drafter that drafts ahead between rounds answers
     exactly like one that never does, and like a fresh drafter re-prefilled every round."""
     rng = random.Random(7)
-    ahead, plain, fresh_model = make_drafter(model), make_drafter(model), model
+    ahead, plain, fresh_model = make_drafter(model, context_copy=copy), make_drafter(model, context_copy=copy), model
     sessions = {f"s{i}": [rng.randrange(4, VOCAB) for _ in range(rng.randint(1, 9))] for i in range(4)}
     cached = {sid: 0 for sid in sessions}  # what the scheduler believes each drafter holds
     num_bonus_hits = 0
@@ -64,7 +68,7 @@ def test_draft_ahead_never_changes_what_draft_returns(model, params):
             requests.append(request(sid, cached[sid], committed[cached[sid]:], rng.randint(1, 5), params))
         got = ahead.draft(requests)
         want = plain.draft(requests)
-        fresh = make_drafter(fresh_model).draft(
+        fresh = make_drafter(fresh_model, context_copy=copy).draft(
             [request(r.session_id, 0, sessions[r.session_id], r.num_draft_tokens, params) for r in requests])
         for g, w, f in zip(got, want, fresh):
             assert_same_chunk(g, w)
@@ -85,6 +89,8 @@ def test_draft_ahead_never_changes_what_draft_returns(model, params):
             cached[chunk.session_id] = chunk.base_length
     assert num_bonus_hits > 0
     assert ahead.num_reused_tokens > plain.num_reused_tokens
+    if copy is not None:
+        assert ahead.num_copied_tokens > 0 and plain.num_copied_tokens > 0
 
 
 def test_confirmed_ahead_path_is_answered_without_a_forward(model):

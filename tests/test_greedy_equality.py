@@ -19,6 +19,7 @@ from typing import Sequence
 import pytest
 import torch
 
+from drafter.context_copy import ContextCopyRule
 from drafter.drafting import ModelDrafter
 from drafter.prompt_lookup import PromptLookupDrafter
 from scheduler.session import FINISH_LENGTH, FINISH_STOP
@@ -137,6 +138,21 @@ def test_unrelated_drafter(verifier, unrelated_model, references, draft_length):
     drafted, accepted = totals(outs)
     assert drafted > 0
     assert accepted / drafted < 0.25, (accepted, drafted)
+
+
+@pytest.mark.parametrize("draft_length", DRAFT_LENGTHS)
+def test_model_drafter_copying_from_context(verifier, unrelated_model, references, draft_length):
+    """Copies (drafter/context_copy.py) in place of the model's tokens, wherever the context
+    repeats (a rule that always copies, so copies are most of the drafts): output stays exact."""
+    drafter = ModelDrafter(ModelRunner(unrelated_model, NUM_SLOTS, MAX_CONTEXT),
+                           context_copy=ContextCopyRule(below_probability=2.0))
+    outs = run(make_engine(verifier, drafter, draft_length))
+    assert_exact(outs, references)
+    assert drafter.num_copied_tokens > 0
+    # Copies are better drafts than the unrelated model's own tokens on the same text.
+    drafted, accepted = totals(outs)
+    plain_drafted, plain_accepted = totals(run(make_engine(verifier, model_drafter(unrelated_model), draft_length)))
+    assert accepted / drafted > plain_accepted / plain_drafted, (accepted, drafted, plain_accepted, plain_drafted)
 
 
 @pytest.mark.parametrize("draft_length", DRAFT_LENGTHS)

@@ -28,6 +28,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from drafter.context_copy import ContextCopyRule
 from drafter.drafting import ModelDrafter
 from specmesh.distributions import draft_distribution, target_probs
 from specmesh.engine import Engine, EngineConfig
@@ -66,9 +67,11 @@ def drafter_model() -> torch.nn.Module:
     return _tiny(seed=7, head_scale=8.0)
 
 
-def make_engine(verifier, drafter_model, draft_length: int, num_slots: int = BATCH) -> Engine:
+def make_engine(verifier, drafter_model, draft_length: int, num_slots: int = BATCH,
+                context_copy: ContextCopyRule | None = None) -> Engine:
     config = EngineConfig(num_slots=num_slots, max_context=MAX_CONTEXT, draft_length=draft_length)
-    drafter = ModelDrafter(ModelRunner(drafter_model, num_slots, MAX_CONTEXT), draft_top_k=config.draft_top_k)
+    drafter = ModelDrafter(ModelRunner(drafter_model, num_slots, MAX_CONTEXT), draft_top_k=config.draft_top_k,
+                           context_copy=context_copy)
     return Engine(verifier, None, drafter, config, stop_token_ids=[])
 
 
@@ -79,11 +82,11 @@ def last_logits(model: torch.nn.Module, contexts: list[list[int]]) -> torch.Tens
     return model(input_ids, attention_mask=torch.ones_like(input_ids)).logits[:, -1].float()
 
 
-def exact_distributions(verifier, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+def exact_distributions(verifier, params: SamplingParams, prompt: list[int] = PROMPT) -> tuple[np.ndarray, np.ndarray]:
     """p1 [V] and the joint of the second and third tokens, sum_a p1(a) p2(b|a) p3(c|a,b) [V, V]."""
-    p1 = target_probs(last_logits(verifier, [PROMPT])[0], params).double().numpy()
-    p2 = target_probs(last_logits(verifier, [PROMPT + [a] for a in range(VOCAB)]), params).double().numpy()
-    p3 = target_probs(last_logits(verifier, [PROMPT + [a, b] for a in range(VOCAB) for b in range(VOCAB)]),
+    p1 = target_probs(last_logits(verifier, [prompt])[0], params).double().numpy()
+    p2 = target_probs(last_logits(verifier, [prompt + [a] for a in range(VOCAB)]), params).double().numpy()
+    p3 = target_probs(last_logits(verifier, [prompt + [a, b] for a in range(VOCAB) for b in range(VOCAB)]),
                       params).double().numpy().reshape(VOCAB, VOCAB, VOCAB)
     return p1, np.einsum("a,ab,abc->bc", p1, p2, p3)
 
@@ -102,13 +105,14 @@ def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
     return float(chisquare(observed_bins, expected_bins).pvalue)
 
 
-def sample(engine: Engine, params: SamplingParams, max_tokens: int, num_samples: int, first_seed: int):
-    """num_samples outputs of PROMPT with seeds first_seed, first_seed + 1, ..."""
+def sample(engine: Engine, params: SamplingParams, max_tokens: int, num_samples: int, first_seed: int,
+           prompt: list[int] = PROMPT):
+    """num_samples outputs of `prompt` with seeds first_seed, first_seed + 1, ..."""
     outs = []
     for start in range(0, num_samples, BATCH):
         seeds = range(first_seed + start, first_seed + min(start + BATCH, num_samples))
         batch_params = [SamplingParams(params.temperature, params.top_p, params.top_k, seed) for seed in seeds]
-        outs += engine.generate_batch_ids([PROMPT] * len(batch_params), params=batch_params, max_tokens=max_tokens)
+        outs += engine.generate_batch_ids([prompt] * len(batch_params), params=batch_params, max_tokens=max_tokens)
     return outs
 
 
@@ -148,6 +152,29 @@ def test_engine_output_follows_the_verifier_distribution(verifier, drafter_model
     assert 0.5 * np.abs(q1 - p1).sum() > 0.2
     samples_of_q = np.random.default_rng(0).multinomial(NUM_SAMPLES, q1 / q1.sum())
     assert chi2_pvalue(samples_of_q, p1) < 1e-6
+
+
+REPEATING_PROMPT = [1, 5, 7, 4, 1, 5, 7, 2, 5, 7]  # many bigrams to copy from
+
+
+def test_engine_output_follows_the_verifier_distribution_with_context_copies(verifier, drafter_model):
+    """Drafts that are copies from the context (q the point mass on the copy), mixed with the
+    model's sampled drafts in the same rounds: the output still follows the verifier."""
+    params = SETTINGS["T1"]
+    p1, joint = exact_distributions(verifier, params, REPEATING_PROMPT)
+    engine = make_engine(verifier, drafter_model, draft_length=3, context_copy=ContextCopyRule(below_probability=2.0))
+    outs = sample(engine, params, 4, NUM_SAMPLES, 7_000_000, REPEATING_PROMPT)
+    first = np.bincount([o.token_ids[0] for o in outs], minlength=VOCAB)
+    pairs = np.zeros((VOCAB, VOCAB))
+    for o in outs:
+        pairs[o.token_ids[1], o.token_ids[2]] += 1
+    assert chi2_pvalue(first, p1) > PVALUE_OK
+    assert chi2_pvalue(pairs, joint) > PVALUE_OK
+    drafted = sum(o.stats.drafted_tokens for o in outs)
+    accepted = sum(o.stats.accepted_tokens for o in outs)
+    copied = engine.drafter.num_copied_tokens
+    assert 0.2 * drafted < copied < drafted, (copied, drafted)  # both kinds of draft, often
+    assert 0.1 < accepted / drafted < 0.9, (accepted, drafted)
 
 
 # ---- seeded reproducibility ------------------------------------------------------------------
