@@ -113,6 +113,7 @@ class DraftWorker:
         self._clock = clock
         self._queue: collections.deque[_SyncJob | _ReleaseJob] = collections.deque()
         self._queued_syncs: collections.Counter[str] = collections.Counter()
+        self._copied_counted = 0  # core.num_copied_tokens already counted in the metrics
         self._ahead: dict[str, int] = {}  # session -> ahead tokens still to draft
         self._wakeup = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -272,6 +273,7 @@ class DraftWorker:
             self._in_flight = 0
         forward_s = self._clock() - started
         _record_batch(batch, outcomes, started, forward_s)
+        self._record_copies()
         self._active_sessions.set(self.core.num_sessions)
         for job, outcome in zip(batch, outcomes):
             if job.is_cancelled():
@@ -284,6 +286,13 @@ class DraftWorker:
                 if budget > 0:
                     self._ahead[sid] = budget
             job.deliver(outcome)
+
+    def _record_copies(self) -> None:
+        """Count the core's newly copied draft tokens (model drafters with context copying)."""
+        copied = int(getattr(self.core, "num_copied_tokens", 0))
+        if copied > self._copied_counted:
+            metrics.DRAFTER_COPIED_TOKENS.inc(copied - self._copied_counted)
+        self._copied_counted = copied
 
     def _ahead_tokens(self, session_id: str) -> tuple[int, ...]:
         ahead_tokens = getattr(self.core, "ahead_tokens", None)
@@ -323,6 +332,7 @@ class DraftWorker:
             for sid in session_ids:
                 self._ahead.pop(sid, None)
             return
+        self._record_copies()
         for sid in session_ids:
             if sid not in self._ahead:
                 continue  # a sync superseded it meanwhile

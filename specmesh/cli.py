@@ -68,6 +68,8 @@ def generate(
     policy: str = typer.Option("adaptive", help="adaptive: draft and verify what the calibration and the "
                                                 "verifier's measured costs say pays; fixed: --draft-length every round."),
     draft_length: int = typer.Option(4, "--draft-length", help="Tokens drafted and verified per round (--policy fixed)."),
+    context_copy: bool = typer.Option(True, "--context-copy/--no-context-copy",
+                                      help="Model drafters copy from the context where it repeats and they are unsure."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt as a user message in the chat template."),
     stats: bool = typer.Option(False, "--stats", help="Print acceptance and speed to stderr."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -86,7 +88,8 @@ def generate(
         drafter, dtype = _local_choice(verifier, drafter, dtype)
         if policy not in ("adaptive", "fixed"):
             raise ValueError(f"--policy must be adaptive or fixed, got {policy!r}")
-        engine = Engine.from_refs(verifier, drafter, EngineConfig(draft_length=draft_length, policy=policy),
+        engine = Engine.from_refs(verifier, drafter, EngineConfig(draft_length=draft_length, policy=policy,
+                                                                      context_copy=context_copy),
                                   dtype=_torch_dtype(dtype))
         use_chat = chat and getattr(engine.tokenizer, "chat_template", None)
         prompt_ids = engine.encode(messages=[{"role": "user", "content": prompt}]) if use_chat else engine.encode(prompt)

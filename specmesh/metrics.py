@@ -109,6 +109,9 @@ DRAFTER_QUEUE_WAIT = Histogram(
 DRAFTER_QUEUE_DEPTH = Gauge("specmesh_drafter_queue_depth", "Syncs and releases queued.", registry=REGISTRY)
 DRAFTER_ACTIVE_SESSIONS = Gauge("specmesh_drafter_active_sessions", "Sessions with drafter state.", registry=REGISTRY)
 DRAFTER_CACHE_MISSES = Counter("specmesh_drafter_cache_misses", "Syncs answered CACHE_MISS.", registry=REGISTRY)
+DRAFTER_COPIED_TOKENS = Counter(
+    "specmesh_drafter_copied_tokens", "Tokens a model drafter drafted by copying from the context "
+    "(drafter/context_copy.py), sent or drafted ahead.", registry=REGISTRY)
 
 for _backend in ("verifier", "drafter"):  # both series exist from the start (rates need a zero)
     SCHEDULER_CACHE_MISSES.labels(backend=_backend)

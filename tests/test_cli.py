@@ -37,9 +37,10 @@ def test_generate_prints_only_text_and_is_the_same_with_any_drafter(model_dir):
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.strip(), "no text on stdout"
     assert "[specmesh]" not in plain.stdout
-    for drafter in ("prompt-lookup", "layers:1", str(model_dir)):
+    for drafter, extra in (("prompt-lookup", []), ("layers:1", []), (str(model_dir), []),
+                           (str(model_dir), ["--no-context-copy"])):
         other = specmesh("generate", "--verifier", str(model_dir), "--drafter", drafter, "--raw", "--max-tokens",
-                         "12", "--stats", PROMPT)
+                         "12", "--stats", *extra, PROMPT)
         assert other.returncode == 0, other.stderr
         assert other.stdout == plain.stdout, drafter
         assert "[specmesh]" in other.stderr

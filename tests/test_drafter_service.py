@@ -444,3 +444,24 @@ def test_python_m_drafter_serves_and_stops_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_context_copies_reach_the_stream_and_the_metric() -> None:
+    """A model drafter with context copying, behind the service: a repeating history is
+    continued by copies (q the point mass on each), and /metrics counts them."""
+    from drafter.context_copy import ContextCopyRule
+    from specmesh import metrics
+
+    core = ModelDrafter(ModelRunner(_MODEL, NUM_SLOTS, MAX_CONTEXT), name="tiny-drafter", draft_top_k=TOP_K,
+                        context_copy=ContextCopyRule(below_probability=2.0))
+    before = metrics.REGISTRY.get_sample_value("specmesh_drafter_copied_tokens_total") or 0.0
+    cycle = [3, 9, 14, 21, 7]
+    async with _serving(core) as (_, stub):
+        stream = Stream(stub)
+        sequence = await stream.send(_request("s", 0, cycle * 2 + cycle[:2], 4))
+        chunk = await stream.answer(sequence)
+        assert list(chunk.tokens) == [14, 21, 7, 3]
+        await stream.call.done_writing()
+    assert core.num_copied_tokens == 4
+    after = metrics.REGISTRY.get_sample_value("specmesh_drafter_copied_tokens_total")
+    assert after - before == 4
