@@ -20,41 +20,13 @@ from pathlib import Path
 
 import torch
 
-from drafter.context_copy import ContextCopyRule, NgramIndex
+from drafter.context_copy import ContextCopyRule
 from specmesh.drafter_refs import parse_drafter_ref
 from specmesh.drafter_training.data import sample_generations
-from specmesh.drafter_training.evaluate import teacher_forced_metrics
+from specmesh.drafter_training.evaluate import context_copy_agreement, teacher_forced_metrics
 from specmesh.drafter_training.export import load_trained_drafter
-from specmesh.drafter_training.model import draft_token_ids
 from specmesh.drafter_training.train import TrainOptions, greedy_eval_prompts
 from specmesh.model_loading import eos_token_ids, load_causal_lm
-
-
-@torch.no_grad()
-def copy_agreement(model, samples, rule: ContextCopyRule) -> dict[str, float]:
-    """Teacher-forced top-1 agreement of model + context copying with greedy text (whose next
-    token is the verifier's argmax), the share of positions copied and the copies' accuracy."""
-    ids = draft_token_ids(model)
-    agree = copied = copies_right = total = 0
-    for sample in samples:
-        probs = model(torch.tensor([sample.tokens])).logits[0].float().softmax(dim=-1)
-        top, best = probs.max(dim=-1)
-        tokens = list(sample.tokens)
-        index = NgramIndex()
-        for t in range(sample.prompt_length, len(tokens)):
-            proposal = int(best[t - 1])
-            proposal = int(ids[proposal]) if ids is not None else proposal
-            history = tokens[:t]
-            index.extend(history)
-            match = index.continuation(history, rule.max_ngram, rule.min_ngram)
-            if match is not None and float(top[t - 1]) < rule.below_probability:
-                proposal = match[0]
-                copied += 1
-                copies_right += proposal == tokens[t]
-            agree += proposal == tokens[t]
-            total += 1
-    return {"top1_agreement": round(agree / max(total, 1), 4), "copied_share": round(copied / max(total, 1), 4),
-            "copies_right": round(copies_right / max(copied, 1), 4)}
 
 
 def main() -> None:
@@ -79,7 +51,7 @@ def main() -> None:
         drafter = load_trained_drafter(directory, verifier_model=model)
         results[ref] = {name: round(teacher_forced_metrics(drafter.model, model, samples, eos[0])["top1_agreement"], 4)
                         for name, samples in greedy.items()}
-        copying[ref] = {name: copy_agreement(drafter.model, samples, rule) for name, samples in greedy.items()}
+        copying[ref] = {name: context_copy_agreement(drafter.model, samples, rule) for name, samples in greedy.items()}
     names = list(greedy)
     print("| drafter | " + " | ".join(names) + " |")
     print("| --- |" + " --- |" * len(names))

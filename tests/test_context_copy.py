@@ -98,3 +98,19 @@ def test_copies_follow_the_committed_sequence_after_a_rejection():
     later = drafter.draft([DraftRequest("s", len(history) + 1, (5,), 4, SamplingParams())])[0]
     fresh = _drafter(rule).draft([DraftRequest("s", 0, tuple(committed), 4, SamplingParams())])[0]
     assert later.tokens == fresh.tokens and later.confidences == fresh.confidences
+
+
+def test_training_evaluation_scores_what_a_copying_drafter_would_agree_on():
+    """train-drafter's report (context_copy_agreement): on text that repeats its context, an
+    unsure model with copying agrees where the model alone does not."""
+    from specmesh.drafter_training.data import Sample
+    from specmesh.drafter_training.evaluate import context_copy_agreement
+
+    model = make_tiny_llama(VOCAB, hidden=32, layers=1, heads=4, kv_heads=2, seed=5)
+    cycle = [3, 9, 14, 21, 7]
+    text = cycle * 6
+    sample = Sample(tuple(text), prompt_length=10)
+    scored = context_copy_agreement(model, [sample])
+    never = context_copy_agreement(model, [sample], ContextCopyRule(below_probability=1e-9))
+    assert scored["copied_share"] == 1.0 and scored["copies_right"] == 1.0 and scored["top1_agreement"] == 1.0
+    assert never["copied_share"] == 0.0 and never["top1_agreement"] < 0.5

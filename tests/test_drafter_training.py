@@ -426,6 +426,10 @@ def test_evaluation_reports_greedy_text_agreement_on_held_out_and_bench_prompts(
     assert set(greedy) == {"held_out_chat", "bench_chat", "bench_code", "bench_summarisation"}
     assert greedy["bench_chat"]["prompts"] == 8 and greedy["bench_chat"]["positions"] > 0
     assert 0.0 <= greedy["held_out_chat"]["top1_agreement"] <= 1.0
+    # What the drafter agrees on once it serves with context copying (its default).
+    for name in greedy:
+        copy = greedy[name]["with_context_copy"]
+        assert 0.0 <= copy["top1_agreement"] <= 1.0 and 0.0 <= copy["copied_share"] <= 1.0
     assert greedy["held_out_chat"]["top1_agreement"] > workspace["trained"].report["evaluation"][
         "untrained_top1_agreement"]
 

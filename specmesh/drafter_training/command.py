@@ -89,7 +89,11 @@ def format_summary(report: dict[str, Any], out: str | Path) -> str:
                         ("bench_summarisation", "`specmesh bench` summarisation prompts")):
         greedy = evaluation.get("greedy_text", {}).get(name)
         if greedy and greedy.get("top1_agreement") is not None:
-            lines.append(f"top-1 agreement on greedy text of {greedy['prompts']} {label}: {greedy['top1_agreement']:.1%}")
+            copy = greedy.get("with_context_copy") or {}
+            with_copy = (f" ({copy['top1_agreement']:.1%} with context copying)"
+                         if copy.get("top1_agreement") is not None else "")
+            lines.append(f"top-1 agreement on greedy text of {greedy['prompts']} {label}: "
+                         f"{greedy['top1_agreement']:.1%}{with_copy}")
     if acceptance.get("num_rounds"):
         lines.append("greedy acceptance P(first j accepted), j=1..8: "
                      + " ".join(f"{p:.2f}" for p in acceptance["p_accepted_at_least"]))

@@ -125,8 +125,45 @@ def greedy_text_agreement(drafter: Any, verifier: Any, prompt_sets: dict[str, li
                                      seed=0)
         metrics = teacher_forced_metrics(drafter, verifier, samples, pad_token_id)
         out[name] = {"prompts": len(prompts), "positions": metrics.get("num_positions", 0),
-                     "top1_agreement": metrics.get("top1_agreement")}
+                     "top1_agreement": metrics.get("top1_agreement"),
+                     "with_context_copy": context_copy_agreement(drafter, samples)}
     return out
+
+
+@torch.no_grad()
+def context_copy_agreement(drafter: Any, samples: Sequence[Sample], rule: Any = None) -> dict[str, float]:
+    """What a served drafter with context copying (drafter/context_copy.py; default rule) agrees
+    on: teacher-forced top-1 against the next token of each sample's text (for the verifier's
+    greedy text, its argmax), with the copy in place of the model's token wherever the rule
+    fires; plus the share of positions copied and how often a copy was right."""
+    from drafter.context_copy import ContextCopyRule, NgramIndex
+
+    rule = rule or ContextCopyRule()
+    device = next(drafter.parameters()).device
+    ids = draft_token_ids(drafter)
+    agree = copied = copies_right = total = 0
+    for sample in samples:
+        if sample.num_completion_tokens <= 0:
+            continue
+        with _autocast(device):
+            logits = drafter(torch.tensor([sample.tokens], device=device)).logits[0].float()
+        top, best = logits.softmax(dim=-1).max(dim=-1)
+        top, best = top.tolist(), best.tolist()
+        tokens = list(sample.tokens)
+        index = NgramIndex()
+        for t in range(sample.prompt_length, len(tokens)):
+            proposal = int(ids[best[t - 1]]) if ids is not None else best[t - 1]
+            history = tokens[:t]
+            index.extend(history)
+            match = index.continuation(history, rule.max_ngram, rule.min_ngram)
+            if match is not None and top[t - 1] < rule.below_probability:
+                proposal = match[0]
+                copied += 1
+                copies_right += proposal == tokens[t]
+            agree += proposal == tokens[t]
+            total += 1
+    return {"top1_agreement": round(agree / max(total, 1), 4), "copied_share": round(copied / max(total, 1), 4),
+            "copies_right": round(copies_right / max(copied, 1), 4)}
 
 
 def _last_hidden_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
