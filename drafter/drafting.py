@@ -32,7 +32,7 @@ from typing import Protocol, Sequence
 import torch
 
 from drafter.context_copy import ContextCopyRule, NgramIndex
-from specmesh.distributions import draft_distribution, greedy_drafts, make_generator
+from specmesh.distributions import draft_distribution, greedy_tokens, make_generator, point_mass
 from specmesh.errors import InvalidRequestError
 from specmesh.model_runner import ForwardRequest, ModelRunner
 from specmesh.records import DraftChunk, DraftRequest, SparseDistribution
@@ -221,9 +221,11 @@ class ModelDrafter:
         keep_cached = max(0, min(cached, valid, len(tokens) - 1))
         slot = self.slots.sync(sid, keep_cached, pinned=pinned)
         assert slot is not None  # keep_cached <= cached, or a fresh session at 0
-        self._paths[sid] = _Path(tokens=tokens, session_id=sid, drafts_from=committed_length, drafts=drafts,
-                                 params=request.params, sent_length=committed_length, index=index)
-        return slot, self._paths[sid]
+        # Updated in place (its index is kept anyway): a new _Path per session and round was host work.
+        path.tokens, path.session_id, path.drafts_from, path.drafts = tokens, sid, committed_length, drafts
+        path.params, path.sent_length = request.params, committed_length
+        self._paths[sid] = path
+        return slot, path
 
     def draft(self, requests: Sequence[DraftRequest]) -> list[DraftChunk]:
         for request in requests:
@@ -258,13 +260,14 @@ class ModelDrafter:
         for index, request, path, limit in synced:
             start = request.num_cached_tokens + len(request.new_tokens)
             drafts = path.drafts[start - path.drafts_from: start - path.drafts_from + limit]
+            confidences, distributions = tuple(zip(*drafts)) if drafts else ((), ())
             path.sent_length = start + limit
             chunks[index] = DraftChunk(
                 session_id=request.session_id,
                 base_length=start,
                 tokens=tuple(path.tokens[start:start + limit]),
-                confidences=tuple(c for c, _ in drafts),
-                distributions=tuple(q for _, q in drafts),
+                confidences=confidences,
+                distributions=distributions,
                 # The committed tokens and every draft sent: a sync may confirm any of them.
                 num_cached_tokens=start + limit,
             )
@@ -294,45 +297,54 @@ class ModelDrafter:
     def _extend(self, work: Sequence[tuple[int, _Path, int]]) -> None:
         """Draft until every path reaches its target length: one batched forward per step,
         each session feeding its unfed tokens and drafting from the logits of the last."""
-        cache = self.runner.cache
+        lengths = self.runner.cache.lengths
         running = [item for item in work if len(item[1].tokens) < item[2]]
         while running:
             self.num_forwards += 1
-            logits, _ = self.runner.forward_flat([
-                ForwardRequest(slot, path.tokens[cache.lengths[slot]:],
-                               logits_from=len(path.tokens) - cache.lengths[slot] - 1)
-                for slot, path, _ in running
-            ])  # [len(running), V]: one row per session, the logits after its last token
-            paths = [path for _, path, _ in running]
+            requests = []
+            paths = []
+            for slot, path, _ in running:
+                tokens, cached = path.tokens, lengths[slot]
+                requests.append(ForwardRequest(slot, tokens[cached:], len(tokens) - cached - 1))
+                paths.append(path)
+            # [len(running), V]: one row per session, the logits after its last token
+            logits, _ = self.runner.forward_flat(requests)
             picks = self._pick(logits, paths)
             if self.confidence_head is not None:
                 picks = self._with_head_confidence(logits, picks)
             if self.context_copy is not None:
                 picks = self._with_context_copies(logits, paths, picks)
             for path, (token, confidence, q) in zip(paths, picks):
-                path.append_draft(token, confidence, q)
+                path.tokens.append(token)  # _Path.append_draft, inlined (once per session and step)
+                path.drafts.append((confidence, q))
             running = [item for item in running if len(item[1].tokens) < item[2]]
 
     def _pick(self, logits: torch.Tensor, paths: Sequence[_Path]) -> list[tuple[int, float, SparseDistribution]]:
         """The next draft token of each path, with its confidence and q. logits: [B, V], row b
         predicts the token at position len(paths[b].tokens). Greedy rows are decided together
         (one transfer for the batch); sampled rows draw with their position's uniform."""
-        picks: list[tuple[int, float, SparseDistribution] | None] = [None] * len(paths)
+        ids = self.draft_token_ids  # draft-vocabulary row -> token id (None: rows are token ids)
         greedy = [b for b, path in enumerate(paths) if path.params is not None and path.params.greedy]
+        if greedy and len(greedy) == len(paths):  # all greedy (the common case): no per-row bookkeeping
+            tokens, confidences = greedy_tokens(logits)
+            if ids is not None:
+                tokens = [ids[token] for token in tokens]
+            return [(token, confidence, point_mass(token)) for token, confidence in zip(tokens, confidences)]
+        picks: list[tuple[int, float, SparseDistribution] | None] = [None] * len(paths)
         if greedy:
-            rows = logits if len(greedy) == len(paths) else logits[greedy]
-            for b, pick in zip(greedy, greedy_drafts(rows)):
-                picks[b] = pick
+            tokens, confidences = greedy_tokens(logits[greedy])
+            for b, token, confidence in zip(greedy, tokens, confidences):
+                token = ids[token] if ids is not None else token
+                picks[b] = (token, confidence, point_mass(token))
         for b, path in enumerate(paths):
             if picks[b] is None:
                 params = path.params
                 assert params is not None
                 uniform = draft_uniform(params.seed or 0, len(path.tokens))
-                picks[b] = draft_distribution(logits[b], params, self.draft_top_k, uniform)
-        if self.draft_token_ids is not None:
-            ids = self.draft_token_ids
-            picks = [(ids[token], confidence, SparseDistribution(tuple(ids[i] for i in q.token_ids), q.probs))
-                     for token, confidence, q in picks]  # type: ignore[misc]
+                token, confidence, q = draft_distribution(logits[b], params, self.draft_top_k, uniform)
+                if ids is not None:
+                    token, q = ids[token], SparseDistribution(tuple([ids[i] for i in q.token_ids]), q.probs)
+                picks[b] = (token, confidence, q)
         return picks  # type: ignore[return-value]
 
     def _with_context_copies(self, logits: torch.Tensor, paths: Sequence[_Path],
@@ -341,10 +353,12 @@ class ModelDrafter:
         (drafter/context_copy.py) says so. Decided from the tokens and the logits only."""
         rule = self.context_copy
         assert rule is not None
+        max_ngram, min_ngram = rule.max_ngram, rule.min_ngram
         found: dict[int, int] = {}
         for b, path in enumerate(paths):
-            path.index.extend(path.tokens)
-            match = path.index.continuation(path.tokens, rule.max_ngram, rule.min_ngram)
+            tokens, index = path.tokens, path.index
+            index.extend(tokens)
+            match = index.continuation(tokens, max_ngram, min_ngram)
             if match is not None:
                 found[b] = match[0]
         if not found:
@@ -357,7 +371,7 @@ class ModelDrafter:
         for b, probability in zip(rows, top):
             if probability < rule.below_probability:
                 token = found[b]
-                picks[b] = (token, rule.confidence, SparseDistribution((token,), (1.0,)))
+                picks[b] = (token, rule.confidence, point_mass(token))
                 self.num_copied_tokens += 1
         return picks
 

@@ -171,24 +171,31 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).synchronize()  # earlier work of this thread
             torch.cuda.set_stream(self.stream)
         cache = self.cache
-        cached = [cache.lengths[r.slot] for r in requests]
-        lengths = [len(r.tokens) for r in requests]
-        for r, c, n in zip(requests, cached, lengths):
+        cache_lengths, max_tokens = cache.lengths, cache.max_tokens
+        # One pass over the requests (it runs on every draft step, for every session).
+        slots, cached, lengths, counts, new_lengths = [], [], [], [], []
+        for r in requests:
+            slot, n, logits_from = r.slot, len(r.tokens), r.logits_from
+            c = cache_lengths[slot]
             if n == 0:
-                raise ValueError(f"slot {r.slot}: empty forward request")
-            if c + n > cache.max_tokens:
-                raise CapacityError(f"context of {c + n} tokens exceeds the KV slot size {cache.max_tokens}")
-            if not 0 <= r.logits_from <= n:
-                raise ValueError(f"slot {r.slot}: logits_from {r.logits_from} outside [0, {n}]")
-        if len({r.slot for r in requests}) != len(requests):
+                raise ValueError(f"slot {slot}: empty forward request")
+            if c + n > max_tokens:
+                raise CapacityError(f"context of {c + n} tokens exceeds the KV slot size {max_tokens}")
+            if not 0 <= logits_from <= n:
+                raise ValueError(f"slot {slot}: logits_from {logits_from} outside [0, {n}]")
+            slots.append(slot)
+            cached.append(c)
+            lengths.append(n)
+            counts.append(n - logits_from)
+            new_lengths.append(c + n)
+        if len(set(slots)) != len(slots):
             raise ValueError("a forward may hold each slot only once")
-        counts = [n - r.logits_from for r, n in zip(requests, lengths)]
         try:
             if self.packed is not None:
                 return self.packed.forward(requests, cached, lengths, sum(counts)), counts
             return self._forward_padded(requests, cached, lengths), counts
         finally:
-            cache.end_forward([r.slot for r in requests], [c + n for c, n in zip(cached, lengths)])
+            cache.end_forward(slots, new_lengths)
 
     def _forward_padded(self, requests: Sequence[ForwardRequest], cached: list[int], lengths: list[int]) -> torch.Tensor:
         cache = self.cache
