@@ -354,13 +354,13 @@ class ModelDrafter:
         rule = self.context_copy
         assert rule is not None
         max_ngram, min_ngram = rule.max_ngram, rule.min_ngram
-        found: dict[int, int] = {}
+        found: dict[int, tuple[int, int]] = {}  # row -> (token, match length)
         for b, path in enumerate(paths):
             tokens, index = path.tokens, path.index
             index.extend(tokens)
             match = index.continuation(tokens, max_ngram, min_ngram)
             if match is not None:
-                found[b] = match[0]
+                found[b] = match
         if not found:
             return picks
         # The model's top probability at temperature 1, whatever the request's temperature:
@@ -370,8 +370,8 @@ class ModelDrafter:
         picks = list(picks)
         for b, probability in zip(rows, top):
             if probability < rule.below_probability:
-                token = found[b]
-                picks[b] = (token, rule.confidence, point_mass(token))
+                token, ngram = found[b]
+                picks[b] = (token, rule.confidence(ngram), point_mass(token))
                 self.num_copied_tokens += 1
         return picks
 

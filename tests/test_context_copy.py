@@ -57,6 +57,10 @@ def test_rule_rejects_bad_settings():
         ContextCopyRule(min_ngram=4, max_ngram=3)
     with pytest.raises(ValueError, match="below_probability"):
         ContextCopyRule(below_probability=0.0)
+    with pytest.raises(ValueError, match="confidence_by_ngram"):
+        ContextCopyRule(confidence_by_ngram=(0.5, 1.5))
+    rule = ContextCopyRule()
+    assert [rule.confidence(n) for n in (2, 3, 8, 20)] == [0.45, 0.55, 0.88, 0.88]
 
 
 def _drafter(rule: ContextCopyRule | None, seed: int = 5) -> ModelDrafter:
@@ -76,7 +80,9 @@ def test_drafter_copies_where_the_context_repeats_and_the_model_is_unsure(params
     want = [cycle[(2 + i) % len(cycle)] for i in range(6)]
     assert list(chunk.tokens) == want
     assert all(q.token_ids == (t,) and q.probs == (1.0,) for q, t in zip(chunk.distributions, want))
-    assert all(c == ContextCopyRule().confidence for c in chunk.confidences)
+    # Confidence rises with the match's length; the history repeats a 5-token cycle, so every
+    # match here is as long as the rule reads (8 tokens).
+    assert all(c == ContextCopyRule().confidence(8) for c in chunk.confidences)
     assert drafter.num_copied_tokens == 6
     # The model alone drafts something else, and a confident model is never overridden.
     plain = _drafter(None).draft([DraftRequest("s", 0, tuple(history), 6, params)])[0]
