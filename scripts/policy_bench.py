@@ -1,4 +1,4 @@
-"""Speculation off vs fixed draft length 4 vs the adaptive policy, on one local cluster, in one run.
+"""Speculation off vs a fixed draft length (4) vs the adaptive policy, on one local cluster, in one run.
 
 One verifier and one drafter process serve two schedulers (policy fixed, policy adaptive), each
 behind its own gateway; the modes run interleaved at each concurrency level so they see the
@@ -6,6 +6,7 @@ same machine state. Prints aggregate tokens/s and accepted length tau as ratios 
 off.
 
     .venv/bin/python scripts/policy_bench.py [--verifier REF] [--drafter REF] [--concurrency 1,4,16]
+                                             [--fixed-length 4]
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--fixed-length", type=int, default=4, help="Draft length of the fixed policy.")
     args = parser.parse_args()
 
     cluster = LocalCluster(verifier=args.verifier, drafter=args.drafter, port=free_port(), policy="fixed",
-                           draft_length=4)
+                           draft_length=args.fixed_length)
     cluster.start()
     try:
         verifier = next(s for s in cluster.services if s.name == "verifier")
@@ -47,7 +49,7 @@ def main() -> None:
         adaptive_gateway = cluster._spawn("gateway", free_port(), [
             "--model", args.verifier, "--scheduler", adaptive_scheduler.address])
         wait_serving(adaptive_gateway.address, 300, adaptive_gateway.process)
-        modes = (BenchMode("off", False), BenchMode("fixed-4", True),
+        modes = (BenchMode("off", False), BenchMode(f"fixed-{args.fixed_length}", True),
                  BenchMode("adaptive", True, target=adaptive_gateway.address))
         levels = [int(x) for x in args.concurrency.split(",")]
         results = asyncio.run(run_bench(cluster.gateway_address, load_workload(args.workload), levels,
