@@ -64,8 +64,9 @@ async def start_drafter(config: DrafterConfig, *, drafter_core: Any = None, toke
     service.on_stop(worker.close)
     serve_metrics_for(service, config.metrics_port, config.host)
     await service.set_serving()
-    log.info("drafter %s ready (cost table of %d rows, draft-ahead %d tokens)", profile.model_name,
-             len(profile.cost_table), worker.draft_ahead_tokens)
+    log.info("drafter %s ready (cost table of %d rows, draft-ahead %d tokens, context copying %s)",
+             profile.model_name, len(profile.cost_table), worker.draft_ahead_tokens,
+             "on" if getattr(core, "context_copy", None) is not None else "off")
     return RunningDrafter(service, core, worker, profile)
 
 
