@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler.draft_policy import check_policy_name
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -39,8 +41,7 @@ class SchedulerConfig:
     metrics_port: int = 0  # serve Prometheus /metrics on host:metrics_port; 0 = off
 
     def __post_init__(self) -> None:
-        if self.policy not in ("adaptive", "fixed"):
-            raise ValueError(f"policy must be 'adaptive' or 'fixed', got {self.policy!r}")
+        check_policy_name(self.policy)
         if self.pipeline_lanes < 1 or self.lane_min_sessions < 1:
             raise ValueError("pipeline_lanes and lane_min_sessions must be >= 1")
         if self.discovery not in ("static", "dns", "kubernetes"):

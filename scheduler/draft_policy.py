@@ -18,6 +18,17 @@ from typing import Protocol, Sequence
 from scheduler.session import Session
 from specmesh.records import DraftChunk, VerifyItem, VerifyResult
 
+# The policies a scheduler (and the in-process engine) can run: "adaptive" is
+# scheduler/budget_policy.py, "fixed" is FixedDraftLength below.
+POLICY_NAMES = ("adaptive", "fixed")
+
+
+def check_policy_name(name: str, label: str = "policy") -> str:
+    """name, or ValueError naming the choices (label: how the caller's user spells the setting)."""
+    if name not in POLICY_NAMES:
+        raise ValueError(f"{label} must be 'adaptive' or 'fixed', got {name!r}")
+    return name
+
 
 @dataclass(frozen=True)
 class RoundOutcome:

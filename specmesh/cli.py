@@ -79,6 +79,7 @@ def generate(
     if target is not None:
         _generate_remote(target, prompt, chat, max_tokens, temperature, top_p, top_k, seed, stats)
         return
+    from scheduler.draft_policy import check_policy_name
     from specmesh.detokenize import IncrementalDetokenizer
     from specmesh.engine import Engine, EngineConfig
     from specmesh.sampling_params import SamplingParams
@@ -86,8 +87,7 @@ def generate(
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed).validate()
         drafter, dtype = _local_choice(verifier, drafter, dtype)
-        if policy not in ("adaptive", "fixed"):
-            raise ValueError(f"--policy must be adaptive or fixed, got {policy!r}")
+        check_policy_name(policy, "--policy")  # before loading the model: fail fast
         engine = Engine.from_refs(verifier, drafter, EngineConfig(draft_length=draft_length, policy=policy,
                                                                       context_copy=context_copy),
                                   dtype=_torch_dtype(dtype))

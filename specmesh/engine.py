@@ -62,7 +62,7 @@ class Engine:
                  config: EngineConfig = EngineConfig(), stop_token_ids: Sequence[int] | None = None) -> None:
         # Deferred imports: the service packages depend on specmesh, not the other way round.
         from scheduler.backends import LocalDraftBackend, LocalVerifyBackend
-        from scheduler.draft_policy import FixedDraftLength
+        from scheduler.draft_policy import FixedDraftLength, check_policy_name
         from verifier.verification import VerifierCore
 
         self.config = config
@@ -75,8 +75,7 @@ class Engine:
         )
         self._verify_backend = LocalVerifyBackend(self.verifier)
         self._draft_backend = LocalDraftBackend(drafter) if drafter is not None else None
-        if config.policy not in ("fixed", "adaptive"):
-            raise ValueError(f"policy must be 'fixed' or 'adaptive', got {config.policy!r}")
+        check_policy_name(config.policy)
         self._policy = FixedDraftLength(config.draft_length) if config.policy == "fixed" else self._adaptive_policy()
         self._loops: dict[int, object] = {}  # one speculation loop per event loop
 

@@ -61,7 +61,7 @@ def test_generate_in_either_precision_is_the_same_with_and_without_drafting(mode
     bad = specmesh("generate", "--verifier", str(model_dir), "--dtype", "float64", PROMPT)
     assert bad.returncode == 2 and "--dtype must be auto or one of" in bad.stderr
     bad = specmesh("generate", "--verifier", str(model_dir), "--policy", "greedy", PROMPT)
-    assert bad.returncode == 2 and "--policy must be adaptive or fixed" in bad.stderr
+    assert bad.returncode == 2 and "--policy must be 'adaptive' or 'fixed'" in bad.stderr
 
 
 def test_generate_reports_bad_input_clearly(model_dir):

@@ -151,7 +151,7 @@ def test_matching_tokenizers_build_a_model_drafter(saved_models):
 
 
 def test_an_unknown_policy_is_refused_and_the_adaptive_one_is_exact(verifier):
-    with pytest.raises(ValueError, match="policy must be 'fixed' or 'adaptive'"):
+    with pytest.raises(ValueError, match="policy must be 'adaptive' or 'fixed'"):
         Engine(verifier, make_tiny_tokenizer(VOCAB), None, EngineConfig(num_slots=4, max_context=MAX_CONTEXT,
                                                                         policy="greedy"))
     config = EngineConfig(num_slots=4, max_context=MAX_CONTEXT, policy="adaptive", max_tokens_limit=20)
