@@ -29,13 +29,9 @@ DRAFTER_HELP = ("Drafter REF, or 'prompt-lookup', 'layers:N' (verifier's first N
 
 
 def _local_choice(verifier: str, drafter: str, dtype: str) -> tuple[str, str]:
-    """(drafter, dtype) for a local run; a precision set in SPECMESH_VERIFIER_DTYPE wins over auto."""
-    from specmesh.local_defaults import AUTO, resolve_drafter, resolve_dtype
+    from specmesh.local_defaults import local_choice
 
-    if dtype == AUTO and os.environ.get("SPECMESH_VERIFIER_DTYPE"):
-        dtype = os.environ["SPECMESH_VERIFIER_DTYPE"]
-    dtype = resolve_dtype(dtype, os.environ.get("SPECMESH_VERIFIER_DEVICE", "cpu"), verifier)
-    return resolve_drafter(drafter, verifier, dtype), dtype
+    return local_choice(verifier, drafter, dtype)
 
 
 def _cluster_env(dtype: str) -> dict[str, str]:

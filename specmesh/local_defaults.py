@@ -20,6 +20,9 @@ attention (Gemma 3) do not take: there bfloat16 would not be exact.
 
 from __future__ import annotations
 
+import os
+from typing import Mapping
+
 import torch
 
 from specmesh.model_refs import find_short_name
@@ -47,9 +50,19 @@ def resolve_dtype(dtype: str, device: str = "cpu", verifier: str | None = None) 
     drafter for; float32 otherwise."""
     if dtype != AUTO:
         return dtype
-    if device == "cuda":
+    if device.startswith("cuda"):  # "cuda" or "cuda:N"
         return "bfloat16"
     return "bfloat16" if native_bfloat16_cpu() and verifier is not None and _shipped_drafter(verifier) else "float32"
+
+
+def local_choice(verifier: str, drafter: str, dtype: str, environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """(drafter, dtype) for a local run (`up`, `generate`, `bench`). A precision or device set
+    for the verifier in the environment (SPECMESH_VERIFIER_DTYPE / SPECMESH_VERIFIER_DEVICE, the
+    services' own settings) wins over `auto`: the user said it where the services read it."""
+    if dtype == AUTO and environ.get("SPECMESH_VERIFIER_DTYPE"):
+        dtype = environ["SPECMESH_VERIFIER_DTYPE"]
+    dtype = resolve_dtype(dtype, environ.get("SPECMESH_VERIFIER_DEVICE", "cpu"), verifier)
+    return resolve_drafter(drafter, verifier, dtype), dtype
 
 
 def resolve_drafter(drafter: str, verifier: str, dtype: str) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from specmesh.local_defaults import native_bfloat16_cpu, resolve_drafter, resolve_dtype
+from specmesh.local_defaults import local_choice, native_bfloat16_cpu, resolve_drafter, resolve_dtype
 
 
 def test_auto_precision_is_bfloat16_only_where_it_is_computed_natively_and_exact():
     assert resolve_dtype("auto", "cuda", "gemma3-270m") == "bfloat16"
+    assert resolve_dtype("auto", "cuda:1", "gemma3-270m") == "bfloat16"
     assert resolve_dtype("auto", "cpu", "smollm2-135m") == ("bfloat16" if native_bfloat16_cpu() else "float32")
     # Models without a shipped drafter (Gemma 3: sliding windows, the padded path, where bfloat16
     # is not batch-invariant) stay float32 on CPU unless asked.
@@ -38,3 +39,18 @@ def test_a_local_clusters_verifier_gets_every_core_but_one():
 
     assert [verifier_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
     assert verifier_threads() >= 1
+
+
+def test_the_services_own_settings_in_the_environment_win_over_auto():
+    """SPECMESH_VERIFIER_DTYPE / _DEVICE, which the spawned services read, decide `auto` for
+    `up`, `generate` and `bench` too; a precision named on the command line wins over both."""
+    assert local_choice("smollm2-135m", "auto", "auto", {"SPECMESH_VERIFIER_DTYPE": "float32"}) == \
+        ("prompt-lookup", "float32")
+    assert local_choice("smollm2-135m", "auto", "auto", {"SPECMESH_VERIFIER_DTYPE": "bfloat16"}) == \
+        ("smollm2-135m-drafter", "bfloat16")
+    assert local_choice("gemma3-270m", "auto", "auto", {"SPECMESH_VERIFIER_DEVICE": "cuda:0"}) == \
+        ("prompt-lookup", "bfloat16")
+    assert local_choice("smollm2-135m", "none", "float32", {"SPECMESH_VERIFIER_DTYPE": "bfloat16"}) == \
+        ("none", "float32")
+    expected = "bfloat16" if native_bfloat16_cpu() else "float32"
+    assert local_choice("smollm2-135m", "auto", "auto", {})[1] == expected
