@@ -102,10 +102,6 @@ class _Path:
     # Bigram positions of `tokens` (context copying only); kept across syncs, cut where they cut.
     index: NgramIndex = field(default_factory=NgramIndex)
 
-    def append_draft(self, token: int, confidence: float, q: SparseDistribution) -> None:
-        self.tokens.append(token)
-        self.drafts.append((confidence, q))
-
 
 def _common_prefix(path: Sequence[int], start: int, tokens: Sequence[int]) -> int:
     """How many of `tokens` equal path[start:] element by element."""
@@ -315,7 +311,7 @@ class ModelDrafter:
             if self.context_copy is not None:
                 picks = self._with_context_copies(logits, paths, picks)
             for path, (token, confidence, q) in zip(paths, picks):
-                path.tokens.append(token)  # _Path.append_draft, inlined (once per session and step)
+                path.tokens.append(token)
                 path.drafts.append((confidence, q))
             running = [item for item in running if len(item[1].tokens) < item[2]]
 

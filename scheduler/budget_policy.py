@@ -315,7 +315,7 @@ class AdaptiveBudgetPolicy:
 
     # ---- costs -------------------------------------------------------------------------------
     def verify_seconds_fn(self, sessions: int, base_tokens: int | None,
-                          plus_seconds: float | None = None) -> Callable[[int], float]:
+                          plus_seconds: float = 0.0) -> Callable[[int], float]:
         """Seconds of one verify round of `sessions` sessions as a function of B (profile +
         measured overhead; B = base_tokens is a round without drafts, and None prices every B as
         a round with drafts), with the profile and measurements looked up once (the greedy calls
@@ -337,18 +337,12 @@ class AdaptiveBudgetPolicy:
                 forward_seconds = forward.get(batch_tokens)
                 if forward_seconds is None:
                     forward_seconds = forward[batch_tokens] = profile.forward_seconds(batch_tokens)
-                if plus_seconds is None:
-                    return forward_seconds + intercept + slope * batch_tokens
                 return plus_seconds + (forward_seconds + intercept + slope * batch_tokens)
             return seconds
         coefficients = self.verify_cost.coefficients(sessions, self.clock())
         if coefficients is None or coefficients[0] + coefficients[1] <= 0:
-            if plus_seconds is None:
-                return lambda batch_tokens: _UNKNOWN_FORWARD_SECONDS
             return lambda batch_tokens: plus_seconds + _UNKNOWN_FORWARD_SECONDS
         intercept, slope = coefficients
-        if plus_seconds is None:
-            return lambda batch_tokens: max(intercept + slope * batch_tokens, 1e-6)
         return lambda batch_tokens: plus_seconds + max(intercept + slope * batch_tokens, 1e-6)
 
     def _forward_seconds_memo(self, profile: CostProfile) -> dict[int, float]:

@@ -195,10 +195,9 @@ def build_drafter(ref: str, verifier_model: torch.nn.Module, verifier_tokenizer,
                   dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A drafter core for REF (see specmesh.drafter_refs), checked against the verifier's tokenizer."""
     from drafter.drafting import ModelDrafter
+    from drafter.context_copy import ContextCopyRule
     from drafter.prompt_lookup import PromptLookupDrafter
     from specmesh.drafter_training.export import is_trained_drafter, load_trained_drafter
-
-    from drafter.context_copy import ContextCopyRule
 
     spec = parse_drafter_ref(ref)
     copy_rule = ContextCopyRule() if config.context_copy else None
