@@ -14,9 +14,9 @@ set -euo pipefail
 PARTS=${PARTS:-/tmp/gguf_parts}
 # The defaults reproduce the shipped drafter (specmesh/drafters/smollm2-135m). The later retrain
 # that did not beat it (README, "The shipped SmolLM2 drafter") was
-#   MINUTES=8.2 DATA_SHARE=0.55 EXTRA_ARGS=" " bash scripts/gpu_train_drafter.sh
+#   MINUTES=8.2 DATA_SHARE=0.55 EXTRA_ARGS="--generation-batch 3072" bash scripts/gpu_train_drafter.sh
 MINUTES=${MINUTES:-7}
-EXTRA_ARGS=${EXTRA_ARGS:---generation-batch 1536 --context-prompts 0}
+EXTRA_ARGS=${EXTRA_ARGS:---context-prompts 0}
 mkdir -p "$PARTS/model"
 cp .gpu_drafter/p3/gg.02 "$PARTS/" 2>/dev/null || true
 cat "$PARTS/gg.00" "$PARTS/gg.01" "$PARTS/gg.02" > "$PARTS/model/SmolLM2-135M-Instruct.Q4_1.gguf"

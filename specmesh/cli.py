@@ -378,7 +378,7 @@ def train_drafter(
                                                "verifier's greedy answers to summarise or rewrite (default: a third "
                                                "as many as training prompts; 0: none)."),
     generation_batch: int | None = typer.Option(None, "--generation-batch", help="Sequences generated at once "
-                                                "(default: 3072 on CUDA, 8 on CPU)."),
+                                                "(default: 1536 on CUDA, 8 on CPU)."),
     seed: int = typer.Option(0, help="Seed of the data split, sampling and initialisation."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
