@@ -51,6 +51,15 @@ class ContextCopyRule:
         table = self.confidence_by_ngram
         return table[min(ngram - 2, len(table) - 1)]
 
+    def match(self, index: "NgramIndex", tokens: Sequence[int]) -> tuple[int, int] | None:
+        """(token, n) the context proposes after `tokens` (index brought up to date first)."""
+        index.extend(tokens)
+        return index.continuation(tokens, self.max_ngram, self.min_ngram)
+
+    def copies(self, top_probability: float) -> bool:
+        """Whether a match replaces the model's token, given the model's top probability."""
+        return top_probability < self.below_probability
+
     def __post_init__(self) -> None:
         if not 2 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"context copy needs 2 <= min_ngram <= max_ngram, got {self.min_ngram}..{self.max_ngram}")
@@ -69,10 +78,6 @@ class NgramIndex:
     positions: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     keys: list[tuple[int, int] | None] = field(default_factory=list)  # keys[i]: bigram ending at i
 
-    @property
-    def length(self) -> int:
-        return len(self.keys)
-
     def truncate(self, length: int) -> None:
         """Forget every position at or beyond `length`."""
         while len(self.keys) > max(length, 0):
@@ -84,7 +89,7 @@ class NgramIndex:
                     del self.positions[key]
 
     def extend(self, tokens: Sequence[int]) -> None:
-        """Index tokens[self.length:] (tokens[:self.length] must be what was indexed before)."""
+        """Index tokens[len(self.keys):] (the tokens before must be what was indexed before)."""
         for i in range(len(self.keys), len(tokens)):
             if i == 0:
                 self.keys.append(None)

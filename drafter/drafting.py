@@ -349,12 +349,9 @@ class ModelDrafter:
         (drafter/context_copy.py) says so. Decided from the tokens and the logits only."""
         rule = self.context_copy
         assert rule is not None
-        max_ngram, min_ngram = rule.max_ngram, rule.min_ngram
         found: dict[int, tuple[int, int]] = {}  # row -> (token, match length)
         for b, path in enumerate(paths):
-            tokens, index = path.tokens, path.index
-            index.extend(tokens)
-            match = index.continuation(tokens, max_ngram, min_ngram)
+            match = rule.match(path.index, path.tokens)
             if match is not None:
                 found[b] = match
         if not found:
@@ -365,7 +362,7 @@ class ModelDrafter:
         top = logits[rows].float().softmax(dim=-1).amax(dim=-1).tolist()
         picks = list(picks)
         for b, probability in zip(rows, top):
-            if probability < rule.below_probability:
+            if rule.copies(probability):
                 token, ngram = found[b]
                 picks[b] = (token, rule.confidence(ngram), point_mass(token))
                 self.num_copied_tokens += 1

@@ -153,10 +153,8 @@ def context_copy_agreement(drafter: Any, samples: Sequence[Sample], rule: Any = 
         index = NgramIndex()
         for t in range(sample.prompt_length, len(tokens)):
             proposal = int(ids[best[t - 1]]) if ids is not None else best[t - 1]
-            history = tokens[:t]
-            index.extend(history)
-            match = index.continuation(history, rule.max_ngram, rule.min_ngram)
-            if match is not None and top[t - 1] < rule.below_probability:
+            match = rule.match(index, tokens[:t])
+            if match is not None and rule.copies(top[t - 1]):
                 proposal = match[0]
                 copied += 1
                 copies_right += proposal == tokens[t]
