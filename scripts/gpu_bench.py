@@ -480,6 +480,11 @@ async def main_async(args) -> dict:
     meta["graph_capture_s"] = time.perf_counter() - t0
     meta["graphs"] = {"verifier": len(vrunner.packed.graphs) if vrunner.packed and vrunner.packed.graphs else 0,
                       "drafter": len(drunner.packed.graphs) if drunner.packed and drunner.packed.graphs else 0}
+    # A runner whose capture failed runs every shape eagerly from then on: its numbers are not
+    # comparable with any other run's, so the table says so.
+    meta["graph_capture_failed"] = [name for name, runner in (("verifier", vrunner), ("drafter", drunner))
+                                    if runner.packed is not None and runner.packed.graphs is not None
+                                    and runner.packed.graphs.disabled]
     log.info("setup done at %.0f s: %s", time.perf_counter() - started, meta)
 
     # One adaptive scheduler per alpha (each learns its own calibration), one with a fixed gamma;
@@ -755,6 +760,9 @@ def table(result: dict) -> str:
                              f"({mode['aggregate_tokens_per_s'] / hf['tokens_per_s']:.2f}x HF assisted serving users one by one)")
     if result.get("skipped_levels"):
         lines.append(f"skipped (time budget): concurrency {result['skipped_levels']}")
+    failed = result.get("meta", {}).get("graph_capture_failed")
+    if failed:
+        lines.append(f"NOT COMPARABLE: CUDA graph capture failed for the {' and '.join(failed)}, which ran eagerly")
     return "\n".join(lines)
 
 

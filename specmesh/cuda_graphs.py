@@ -13,8 +13,11 @@ and the caller copies what it needs out of the logits buffer before the next rep
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,6 +55,25 @@ class GraphKey:
     @property
     def input_size(self) -> int:
         return 7 * self.tokens + 2 * self.rows
+
+
+@contextlib.contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """Python's cyclic collector off for the block, as it was after.
+
+    A collection inside a capture can free a dead CUDAGraph (one dropped by clear() but still
+    in a reference cycle); its destructor's cudaGraphExecDestroy is not permitted while this
+    thread captures, and it invalidates the capture (seen on the H200 as
+    CUBLAS_STATUS_EXECUTION_FAILED in the next GEMM, after which every shape ran eagerly).
+    torch no longer collects before a capture (torch.compiler.config.force_cudagraph_gc), so
+    the garbage waits until the capture is over instead."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class _EagerGraph:
@@ -125,7 +147,8 @@ class GraphCache:
         # A capture stream of this runner's device: torch's default one is created once, on
         # whichever device was current, and a drafter and a verifier may share a process on two
         # GPUs.
-        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+        with garbage_collection_paused(), torch.cuda.graph(graph, pool=self._pool, stream=side,
+                                                           capture_error_mode="thread_local"):
             self._step(inputs, key, logits)
         return graph
 
