@@ -9,12 +9,13 @@ from typing import Sequence
 
 import torch
 
-from specmesh.distributions import make_generator
+from specmesh.distributions import derive_seed
 from specmesh.errors import CapacityError, InvalidRequestError
 from specmesh.model_runner import ForwardRequest, ModelRunner
 from specmesh.records import VerifyItem, VerifyResult
 from specmesh.session_slots import SessionSlots
-from verifier.speculative_sampling import num_uniforms, verify_greedy_argmax, verify_sampled
+from verifier.batch_judging import Case, judge_batch
+from verifier.speculative_sampling import num_uniforms
 
 RANDOM_STREAM = "verify"
 
@@ -31,9 +32,13 @@ def validate_item(item: VerifyItem, vocab_size: int, max_tokens: int) -> None:
         raise InvalidRequestError(
             f"{len(item.draft_tokens)} draft tokens but {len(item.draft_distributions)} draft distributions"
         )
-    for token in (*item.new_tokens, *item.draft_tokens):
-        if not 0 <= token < vocab_size:
-            raise InvalidRequestError(f"token id {token} outside the vocabulary [0, {vocab_size})")
+    drafts = item.draft_tokens
+    # min/max run at C speed; the loop only names the first bad token.
+    if min(item.new_tokens) < 0 or max(item.new_tokens) >= vocab_size or (
+            drafts and (min(drafts) < 0 or max(drafts) >= vocab_size)):
+        for token in (*item.new_tokens, *drafts):
+            if not 0 <= token < vocab_size:
+                raise InvalidRequestError(f"token id {token} outside the vocabulary [0, {vocab_size})")
     if not item.params.greedy and item.params.seed is None:
         raise InvalidRequestError("sampled verification needs a seed (the scheduler assigns one)")
     total = item.committed_length + len(item.draft_tokens)
@@ -46,6 +51,7 @@ class VerifierCore:
     def __init__(self, runner: ModelRunner, idle_ttl_s: float | None = None) -> None:
         self.runner = runner
         self.slots = SessionSlots(runner.cache, idle_ttl_s=idle_ttl_s)
+        self._generator = torch.Generator()  # CPU; reseeded for every sampled session (_case)
 
     @property
     def num_sessions(self) -> int:
@@ -67,7 +73,7 @@ class VerifierCore:
                 raise InvalidRequestError(f"session {item.session_id!r} appears twice in one verify batch")
             seen.add(item.session_id)
         self.slots.evict_idle()
-        results: dict[int, VerifyResult] = {}
+        results: list[VerifyResult | None] = [None] * len(items)
         forward: list[tuple[int, ForwardRequest]] = []
         batch_ids = [item.session_id for item in items]
         for index, item in enumerate(items):
@@ -79,38 +85,30 @@ class VerifierCore:
             tokens = (*item.new_tokens, *item.draft_tokens)
             forward.append((index, ForwardRequest(slot, tokens, logits_from=len(item.new_tokens) - 1)))
         if forward:
-            logits, counts = self.runner.forward_flat([request for _, request in forward])
-            # Greedy sessions need only the argmax of their rows: one kernel and one transfer
-            # for the whole batch (no per-session synchronisation with the device).
-            argmax = logits.argmax(dim=-1).tolist() if any(items[i].params.greedy for i, _ in forward) else []
-            offset = 0
-            for (index, request), count in zip(forward, counts):
-                rows = slice(offset, offset + count)
-                results[index] = self._judge(items[index], request.slot, logits[rows], argmax[rows])
-                offset += count
-        return [results[i] for i in range(len(items))]
+            logits, _ = self.runner.forward_flat([request for _, request in forward])
+            # Every session judged at once: batched kernels and one read back from the device
+            # (verifier/batch_judging.py), not a kernel chain and a synchronisation per session.
+            judgements = judge_batch(logits, [self._case(items[index]) for index, _ in forward])
+            truncate = self.runner.cache.truncate
+            for (index, request), judgement in zip(forward, judgements):
+                item = items[index]
+                kept = item.committed_length + judgement.verdict.accepted_count
+                # Keep committed tokens and accepted drafts; the rest were rejected (O(1) rollback).
+                truncate(request.slot, kept)
+                results[index] = VerifyResult(
+                    session_id=item.session_id,
+                    accepted_count=judgement.verdict.accepted_count,
+                    next_token=judgement.verdict.next_token,
+                    logprobs=judgement.logprobs,
+                    num_cached_tokens=kept,
+                )
+        return results  # type: ignore[return-value]  # every index was filled
 
-    def _judge(self, item: VerifyItem, slot: int, logits: torch.Tensor, argmax: list[int]) -> VerifyResult:
-        """logits: [n+1, V] for one session; argmax: their argmax (greedy items)."""
-        drafts = list(item.draft_tokens)
-        if item.params.greedy:
-            verdict = verify_greedy_argmax(argmax, drafts)
-        else:
-            generator = make_generator(item.params.seed, RANDOM_STREAM, item.committed_length)
-            uniforms = torch.rand(num_uniforms(len(drafts)), generator=generator).to(logits.device)
-            verdict = verify_sampled(logits, drafts, list(item.draft_distributions), item.params, uniforms)
-        kept = item.committed_length + verdict.accepted_count
-        # Keep committed tokens and accepted drafts; the rest were rejected (O(1) rollback).
-        self.runner.cache.truncate(slot, kept)
-        logprobs: tuple[float, ...] = ()
-        if item.want_logprobs:
-            committed = drafts[: verdict.accepted_count] + [verdict.next_token]
-            rows = logits[: len(committed)].log_softmax(dim=-1)
-            logprobs = tuple(rows[torch.arange(len(committed)), torch.tensor(committed)].tolist())
-        return VerifyResult(
-            session_id=item.session_id,
-            accepted_count=verdict.accepted_count,
-            next_token=verdict.next_token,
-            logprobs=logprobs,
-            num_cached_tokens=kept,
-        )
+    def _case(self, item: VerifyItem) -> Case:
+        uniforms = None
+        if not item.params.greedy:
+            # Keyed by seed and position only, so a seeded request replays however it is batched.
+            # One generator reseeded per session: the same stream as a fresh make_generator.
+            self._generator.manual_seed(derive_seed(item.params.seed, RANDOM_STREAM, item.committed_length))
+            uniforms = torch.rand(num_uniforms(len(item.draft_tokens)), generator=self._generator)
+        return Case(item.draft_tokens, item.draft_distributions, item.params, uniforms, item.want_logprobs)
