@@ -40,6 +40,7 @@ class LinearFit:
     as_of: float = 0.0  # the latest time the fit was given
     scaled_weight: float = 0.0
     points: dict[float, list[float]] = field(default_factory=dict)  # x -> [scaled weight, scaled sum of y]
+    established: bool = False  # whether the weight ever reached min_weight (see LoadBucketedFit)
 
     def _scale(self, now: float) -> float:
         self.as_of = max(self.as_of, now)
@@ -71,11 +72,14 @@ class LinearFit:
         self.scaled_weight += scale
         point[0] += scale
         point[1] += scale * y
+        if not self.established and self.scaled_weight >= self.min_weight * scale:
+            self.established = True
 
-    def coefficients(self, now: float) -> tuple[float, float] | None:
-        """(intercept, slope), both >= 0, or None without enough recent data."""
+    def coefficients(self, now: float, min_weight: float | None = None) -> tuple[float, float] | None:
+        """(intercept, slope), both >= 0, or None without enough recent data (decayed weight
+        below min_weight, by default the fit's own)."""
         scale = self._scale(now)
-        if self.scaled_weight < self.min_weight * scale:
+        if self.scaled_weight < (self.min_weight if min_weight is None else min_weight) * scale:
             return None
         # Points too faint to matter again are dropped (keeps reading cheap); only those that
         # hold their share speak. Sums stay scaled: every ratio below is unchanged by the scale.
@@ -140,11 +144,21 @@ class LoadBucketedFit:
     per-token work beyond a bare forward grows likewise). One fit pooled over every load is
     dominated by whichever load produced the most rounds (light load: many short rounds) and
     then prices a busy round's drafts at the light load's cost. A load without a fit of its own
-    borrows the nearest load's (the heavier one on a tie: the costlier guess)."""
+    borrows the nearest load's (the heavier one on a tie: the costlier guess).
+
+    A load whose own fit has faded below min_weight (after once reaching it: a young fit of
+    one or two rounds does not speak early) keeps speaking from it while it holds
+    own_faded_share of min_weight (four more half-lives at 1/16) before it borrows: a
+    neighbour's live fit is the wrong load's cost. (GPU bench, 64 sessions at a 60% drafter:
+    the 64-session fit, fed only by the rare rounds that drafted, faded between waves; each
+    wave then borrowed the fit of the wave's own light tail, priced 4 draft steps at 9.5 ms
+    against 19.8, drafted for four rounds to learn it again, and reset the exploration's
+    back-off: 0.91-0.95x of speculation off where drafting nothing is 1.0x.)"""
 
     half_life_s: float = 30.0
     min_weight: float = 3.0
     without_spread: str = "slope"
+    own_faded_share: float = 1.0 / 16.0
 
     def __post_init__(self) -> None:
         self.fits: dict[int, LinearFit] = {}
@@ -159,7 +173,16 @@ class LoadBucketedFit:
     def coefficients(self, sessions: int, now: float) -> tuple[float, float] | None:
         """(intercept, slope) at this load, or at the nearest load that has a fit; None if none."""
         bucket = load_bucket(sessions)
+        own = self.fits.get(bucket)
+        if own is not None:
+            coefficients = own.coefficients(now)
+            if coefficients is None and own.established:  # faded, not merely young
+                coefficients = own.coefficients(now, own.min_weight * self.own_faded_share)
+            if coefficients is not None:
+                return coefficients
         for other in sorted(self.fits, key=lambda b: (abs(b - bucket), -b)):
+            if other == bucket:
+                continue
             coefficients = self.fits[other].coefficients(now)
             if coefficients is not None:
                 return coefficients

@@ -679,6 +679,27 @@ def test_load_bucketed_fit_keeps_each_load_apart_and_borrows_the_nearest():
     assert fit.coefficients(512, 0.0) == pytest.approx((0.002, 0.003))  # nearest: 64
 
 
+def test_a_faded_fit_of_the_rounds_own_load_outranks_a_live_fit_of_another_load():
+    """Between waves of 64 sessions the 64-session draft fit fades while the light tail of each
+    wave keeps a 16-session fit alive; borrowing that one priced busy rounds' drafts at half
+    their cost. The own fit speaks for four more half-lives first, then the neighbour's."""
+    from scheduler.round_timing import LoadBucketedFit
+
+    fit = LoadBucketedFit(half_life_s=30.0, min_weight=3.0)
+    for steps in (1, 2, 3, 4):
+        fit.add(64, steps, 0.004 + 0.0033 * steps, now=0.0)  # weight 4 at t = 0
+    assert fit.coefficients(64, 0.0) == pytest.approx((0.004, 0.0033))
+    for t in range(0, 200, 2):  # a live light-load fit, fed all along
+        fit.add(16, 1 + t % 4, 0.003 + 0.0015 * (1 + t % 4), now=float(t))
+    # One half-life later the 64 fit holds weight 2 < 3: faded, and still the one that speaks.
+    assert fit.fits[6].coefficients(30.0) is None
+    assert fit.coefficients(64, 30.0) == pytest.approx((0.004, 0.0033))
+    # Below min_weight / 16 (4 -> 3/16 after ~4.4 half-lives) it retires and the neighbour speaks.
+    assert fit.coefficients(64, 140.0) == pytest.approx((0.003, 0.0015))
+    # A load that never had a fit of its own borrows as before.
+    assert fit.coefficients(1, 140.0) == pytest.approx((0.003, 0.0015))
+
+
 async def test_drafts_are_sized_by_what_steps_cost_at_the_rounds_own_load():
     """A drafter step costs 1.2 ms for one session and 3.5 ms for 64 (and the verifier's
     per-token work beyond its bare forward is 40 us). After many light rounds and fewer busy
