@@ -431,13 +431,15 @@ class AdaptiveBudgetPolicy:
         for s in sessions:
             chunk = chunks.get(s.session_id)
             usable = 0 if chunk is None or chunk.cache_miss else len(chunk.tokens)
-            available.append(min(usable, draft_lengths.get(s.session_id, 0), s.draft_limit(1 << 62)))
+            if usable:  # (a round that drafted nothing skips the limit: min(0, ...) is 0)
+                usable = min(usable, draft_lengths.get(s.session_id, 0), s.draft_limit(1 << 62))
+            available.append(usable)
+        base_tokens = self._base_tokens(sessions)
         try:
-            lengths = self._plan_verification(sessions, chunks, available, drafted_seconds)
+            lengths = self._plan_verification(sessions, chunks, available, drafted_seconds, base_tokens)
         except Exception:  # noqa: BLE001 - fall back to a rule that ignores the drafted tokens
             self._warn_once("verify_lengths")
             lengths = {s.session_id: n for s, n in zip(sessions, available)}
-        base_tokens = self._base_tokens(sessions)
         # Timed only when every session feeds one committed token: the plan is for decode
         # rounds, and a round that also prefills (new sessions, re-prefills) costs what prompts
         # cost, which would bend the fit of B against seconds.
@@ -573,12 +575,14 @@ class AdaptiveBudgetPolicy:
         return k - 1 if k >= 2 else k
 
     def _plan_verification(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
-                           available: list[int], drafted_seconds: float = 0.0) -> dict[str, int]:
+                           available: list[int], drafted_seconds: float = 0.0,
+                           base_tokens: int | None = None) -> dict[str, int]:
         """drafted_seconds: what this round's drafting took. Counting it keeps verification from
         throwing away drafts the round has already paid for where the verifier's curve has a
         step (on a 2-core CPU one token is a matrix-vector product and two are a matrix product:
         40 ms, then 60-70 ms for 2-8 tokens; the first draft alone looks like a loss)."""
-        base_tokens = self._base_tokens(sessions)
+        if base_tokens is None:
+            base_tokens = self._base_tokens(sessions)
         # The step that verifying any drafts at all costs was weighed when the round chose to
         # draft (positions only). Charged to the first candidate here, it stops the greedy
         # before a prefix that pays for it (GPU bench, 64 sessions: 8 drafts drafted, 1.2

@@ -13,6 +13,7 @@ equal digests before and after a change mean equal decisions on these inputs.
 
     OMP_NUM_THREADS=1 python scripts/policy_overhead_bench.py            # the table
     python scripts/policy_overhead_bench.py --profile 64                 # cProfile at 64 sessions
+    python scripts/policy_overhead_bench.py --quality 0.1,0.3            # saturated: drafting off
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def simulated_verify_seconds(batch_tokens: int, sessions: int) -> float:
 class Bench:
     """One policy and its sessions; `round()` runs one scheduling round and times each phase."""
 
-    def __init__(self, num_sessions: int, seed: int = 0) -> None:
+    def __init__(self, num_sessions: int, seed: int = 0, quality: tuple[float, float] = (0.4, 0.95)) -> None:
         self.rng = random.Random(seed)
         self.now = 0.0
         clock = lambda: self.now  # noqa: E731
@@ -69,7 +70,8 @@ class Bench:
             s.verifier_cached = s.drafter_cached = s.drafter_seen = len(s.tokens) - 1
             self.sessions.append(s)
         # Each session's drafter quality: how its confidences spread (some good, some poor).
-        self.quality = [self.rng.uniform(0.4, 0.95) for _ in range(num_sessions)]
+        self.quality = [self.rng.uniform(*quality) for _ in range(num_sessions)]
+        self.quality_default = quality == (0.4, 0.95)
         self.digest = hashlib.sha256()
         self.profiler: cProfile.Profile | None = None  # on around the policy's calls only
 
@@ -84,8 +86,10 @@ class Bench:
             self.profiler.disable()
         return now
 
-    def _chunk(self, index: int, session: Session) -> DraftChunk:
-        k = self.rng.randint(4, 8)
+    def _chunk(self, index: int, session: Session, planned: int) -> DraftChunk:
+        # 4-8 drafts whatever was planned (the drafter of the default table overshoots), or, for
+        # a poor drafter, exactly the planned length (mostly none: the saturated case).
+        k = self.rng.randint(4, 8) if self.quality_default else planned
         q = self.quality[index]
         confidences = tuple(min(1.0, max(0.0, self.rng.gauss(q, 0.2))) for _ in range(k))
         return DraftChunk(session.session_id, len(session.tokens), tuple(range(100, 100 + k)), confidences, (),
@@ -97,7 +101,7 @@ class Bench:
         planned = policy.draft_lengths(sessions, CONTEXT)
         t1 = self._off()
         self.now += simulated_draft_seconds(max(planned.values()), len(sessions)) * self.rng.uniform(0.95, 1.05)
-        chunks = {s.session_id: self._chunk(i, s) for i, s in enumerate(sessions)}
+        chunks = {s.session_id: self._chunk(i, s, planned[s.session_id]) for i, s in enumerate(sessions)}
         drafted = {sid: len(chunk.tokens) for sid, chunk in chunks.items()}
         t2 = self._on()
         verify = policy.verify_lengths(sessions, chunks, drafted)
@@ -134,8 +138,9 @@ class Bench:
         self.digest.update(repr(state).encode())
 
 
-def measure(num_sessions: int, warmup: int, rounds: int, profile: bool = False) -> dict[str, float | str]:
-    bench = Bench(num_sessions)
+def measure(num_sessions: int, warmup: int, rounds: int, profile: bool = False,
+            quality: tuple[float, float] = (0.4, 0.95)) -> dict[str, float | str]:
+    bench = Bench(num_sessions, quality=quality)
 
     async def run() -> dict[str, list[int]]:
         for _ in range(warmup):
@@ -164,14 +169,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=300, help="untimed rounds first (fills table and fits)")
     parser.add_argument("--rounds", type=int, default=400, help="timed rounds")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile the timed rounds at N sessions")
+    parser.add_argument("--quality", default="0.4,0.95", metavar="LO,HI",
+                        help="each session's drafter quality is uniform in [LO, HI]; a poor drafter (e.g. 0.1,0.3) "
+                             "gets the saturated case, where the policy drafts nothing")
     args = parser.parse_args()
+    quality = tuple(float(v) for v in args.quality.split(","))
     if args.profile:
-        measure(args.profile, args.warmup, args.rounds, profile=True)
+        measure(args.profile, args.warmup, args.rounds, profile=True, quality=quality)
         return
     print(f"{'sessions':>8} {'draft_lengths':>14} {'verify_lengths':>15} {'observe':>9} {'total':>9}  "
           f"decision digest   (median us per call)")
     for n in (int(v) for v in args.sessions.split(",")):
-        r = measure(n, args.warmup, args.rounds)
+        r = measure(n, args.warmup, args.rounds, quality=quality)
         print(f"{n:>8} {r['draft_lengths']:>14.1f} {r['verify_lengths']:>15.1f} {r['observe']:>9.1f} "
               f"{r['total']:>9.1f}  {r['digest']}")
 
