@@ -15,6 +15,8 @@ shape bucket: decode-shaped forwards become one graph launch (specmesh/cuda_grap
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -25,6 +27,8 @@ from specmesh.cuda_graphs import MAX_GRAPH_Q, GraphCache, GraphKey, pow2_at_leas
 
 if TYPE_CHECKING:
     from specmesh.model_runner import ForwardRequest, ModelRunner
+
+log = logging.getLogger(__name__)
 
 # Query grid width of graphed forwards: fixed per bucket so a few graphs serve every mix of
 # draft lengths (the attention over a wider grid costs next to nothing in decode).
@@ -42,6 +46,7 @@ class PackedForward:
                                      runner.device)
         self.num_graph_forwards = 0
         self.num_eager_forwards = 0
+        self._eager_shapes_seen: set[GraphKey] = set()
         # Half precision on CPU: every token's result is made independent of what shares its
         # forward, bit for bit, so that verifying drafts commits exactly what decoding alone
         # would. float32 rounding hides the difference; bfloat16 does not (2-5% of SmolLM2's
@@ -198,10 +203,23 @@ class PackedForward:
                 return self.graphs.logits.index_select(0, rows).float()
         self.num_eager_forwards += 1
         key = self.eager_key(total, highest, q_max, read_length)
+        # The first forward of an eager shape pays kernel selection and allocator growth (tens
+        # of ms on an 8B model); timed once per shape (two syncs) so that such stalls in a
+        # running service show in its log.
+        first = on_cuda and key not in self._eager_shapes_seen
+        if first:
+            torch.cuda.synchronize(runner.device)
+            started = time.perf_counter()
         host = torch.from_numpy(self.host_inputs(requests, cached, lengths, key))
         inputs = host.pin_memory().to(runner.device, non_blocking=True) if on_cuda else host
         hidden = self.run(inputs, key).index_select(0, inputs[6 * key.tokens: 6 * key.tokens + num_logits])
-        return runner.head_logits(hidden)
+        logits = runner.head_logits(hidden)
+        if first:
+            torch.cuda.synchronize(runner.device)
+            self._eager_shapes_seen.add(key)
+            log.info("first eager forward of %s (%d tokens, %d sessions): %.1f ms", key, total, len(requests),
+                     1e3 * (time.perf_counter() - started))
+        return logits
 
     def capture(self, shapes: Sequence[tuple[int, int]], read_lengths: Sequence[int]) -> int:
         """Capture now (start-up) the graphs for these (flat tokens, sessions) shapes and read
