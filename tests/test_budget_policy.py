@@ -753,15 +753,69 @@ async def test_drafts_are_sized_by_what_steps_cost_at_the_rounds_own_load():
     assert max(set(light_plan), key=light_plan.count) >= best(1) - 1, (light_plan, best(1))
 
 
+def test_a_steady_decision_is_repeated_without_planning():
+    """After steady_rounds planned rounds that drafted the same length and verified every draft,
+    repeat_rounds rounds repeat that decision without deriving it (the derivation is the
+    policy's Python on the round's critical path) and verify every drafted token; then a round
+    is planned again. Verification that trims, or other sessions, end the repeating."""
+    store = warmed_store({b: 0.9 for b in range(CalibrationConfig().num_buckets)})
+    p = policy(store, FLAT, explore_draft_tokens=0, dither_every_rounds=0, steady_rounds=3, repeat_rounds=4)
+    planned: list[bool] = []
+    original = p._plan_verification
+
+    def counting(*args, **kwargs):
+        planned.append(True)
+        return original(*args, **kwargs)
+
+    p._plan_verification = counting
+
+    def one_round(sessions, confidence: float) -> tuple[int, dict[str, int], dict[str, int]]:
+        before = len(planned)
+        lengths = p.draft_lengths(sessions, CONTEXT)
+        k = max(lengths.values())
+        chunks = make_chunks(sessions, [confidence] * k)
+        verified = p.verify_lengths(sessions, chunks, lengths)
+        return len(planned) - before, lengths, verified
+
+    sessions = make_sessions(2)
+    rounds = [one_round(sessions, 0.95) for _ in range(16)]
+    k = max(rounds[0][1].values())
+    assert k > 0
+    assert [r[0] for r in rounds] == [1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1]
+    for _, lengths, verified in rounds:
+        assert set(lengths.values()) == {k}
+        assert verified == lengths  # every drafted token verified, repeated or planned
+    # Other sessions end the repeat at once: the next round is planned.
+    for _ in range(3):
+        one_round(sessions, 0.95)
+    assert one_round(make_sessions(3), 0.95)[0] == 1
+    # Drafts that verification trims are never repeated unexamined.
+    # (A calibrated table: a draft's acceptance is its confidence. Two drafts are planned and,
+    # after a first draft of confidence 0.3, the second is not worth verifying.)
+    p2 = policy(warmed_store(), CostProfile.linear(0.010, 0.001), explore_draft_tokens=0, dither_every_rounds=0,
+                steady_rounds=3, repeat_rounds=4)
+    trimmed = 0
+    for _ in range(12):
+        lengths = p2.draft_lengths(sessions, CONTEXT)
+        assert max(lengths.values()) == 2
+        chunks = make_chunks(sessions, [0.3] * 2)
+        verified = p2.verify_lengths(sessions, chunks, lengths)
+        assert not p2._repeating
+        trimmed += sum(lengths.values()) - sum(verified.values())
+    assert trimmed > 0
+
+
 def test_one_planned_round_in_four_drafts_one_token_more_or_fewer_at_the_cap():
     """Dithering offers the position after the plan's last one (so the calibration keeps
     learning it) and, where no session may draft more, one token fewer."""
     store = warmed_store({b: 0.9 for b in range(CalibrationConfig().num_buckets)})
     sessions = make_sessions(2)
-    at_cap = policy(store, FLAT, explore_draft_tokens=0, dither_every_rounds=4)
+    # (steady_rounds=0: planned every round, no repeats; see test_a_steady_decision_is_repeated_without_planning.)
+    at_cap = policy(store, FLAT, explore_draft_tokens=0, dither_every_rounds=4, steady_rounds=0)
     plans = [max(at_cap.draft_lengths(sessions, CONTEXT).values()) for _ in range(12)]
     assert set(plans) == {7, 8} and [i for i, v in enumerate(plans) if v == 7] == [3, 7, 11]
-    below = policy(store, CostProfile.linear(0.010, 0.002), explore_draft_tokens=0, dither_every_rounds=4)
+    below = policy(store, CostProfile.linear(0.010, 0.002), explore_draft_tokens=0, dither_every_rounds=4,
+                   steady_rounds=0)
     plans = [max(below.draft_lengths(sessions, CONTEXT).values()) for _ in range(12)]
     k = min(plans)
     assert 1 <= k < 8 and set(plans) == {k, k + 1} and [i for i, v in enumerate(plans) if v == k + 1] == [3, 7, 11]
