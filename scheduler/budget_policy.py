@@ -325,7 +325,9 @@ class AdaptiveBudgetPolicy:
         self._steady_count = 0
         self._repeats_left = 0
         self._repeat_key: frozenset[str] | None = None
-        self._repeating = False  # whether this round repeats
+        # The round key of the round being repeated (pipeline lanes interleave two rounds'
+        # calls; each verify_lengths must know whether its own round repeats).
+        self._repeated_round: frozenset[str] | None = None
 
     def for_verifier(self, verifier: str) -> "AdaptiveBudgetPolicy":
         """A policy for one verifier's loop: same calibration and profiles, own cost curve."""
@@ -454,7 +456,8 @@ class AdaptiveBudgetPolicy:
                 usable = min(usable, draft_lengths.get(s.session_id, 0), s.draft_limit(1 << 62))
             available.append(usable)
         base_tokens = self._base_tokens(sessions)
-        if self._repeating:
+        if self._repeated_round == key:
+            self._repeated_round = None
             # A repeated decision admits every drafted token, as its planned rounds all did.
             lengths = {s.session_id: n for s, n in zip(sessions, available)}
             if self.last_plan is not None:
@@ -565,7 +568,8 @@ class AdaptiveBudgetPolicy:
                                          max(self.config.explore_max_interval, every))
 
     def _plan_drafts(self, sessions: Sequence[Session], caps: list[int]) -> dict[str, int]:
-        self._exploring = self._repeating = False
+        self._exploring = False
+        self._repeated_round = None
         longest = max(caps, default=0)
         if longest == 0:
             self._repeats_left = 0
@@ -586,7 +590,7 @@ class AdaptiveBudgetPolicy:
         if self._repeats_left > 0:
             if self._repeat_key == self._round_key(sessions) and self._decode_only(sessions):
                 self._repeats_left -= 1
-                self._repeating = True
+                self._repeated_round = self._repeat_key
                 self._explored_last_round = False
                 k = self._steady_length
                 return {s.session_id: min(k, cap) for s, cap in zip(sessions, caps)}

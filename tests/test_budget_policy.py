@@ -800,7 +800,7 @@ def test_a_steady_decision_is_repeated_without_planning():
         assert max(lengths.values()) == 2
         chunks = make_chunks(sessions, [0.3] * 2)
         verified = p2.verify_lengths(sessions, chunks, lengths)
-        assert not p2._repeating
+        assert p2._repeated_round is None
         trimmed += sum(lengths.values()) - sum(verified.values())
     assert trimmed > 0
 
