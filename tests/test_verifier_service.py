@@ -158,6 +158,46 @@ async def test_concurrent_calls_share_one_forward() -> None:
     assert response_1.batch_tokens == response_2.batch_tokens == 6 + 2 + 4 + 3 + 2 + 0
 
 
+async def test_a_lone_caller_stops_waiting_for_company_and_a_second_caller_brings_the_wait_back() -> None:
+    """One scheduler sending one call at a time has no company to wait for: after 8 such calls
+    its calls skip the batch window. A call from anyone else, or overlapping calls, restore it."""
+    from verifier.microbatch import LONE_CALLS_BEFORE_NOT_WAITING
+
+    window = 0.15
+    batcher = VerifyBatcher(_reference_core(), batch_wait_s=window)
+    state = {"cached": 0, "new": PROMPT_A}
+
+    async def timed_call(caller: str | None) -> float:
+        start = time.monotonic()
+        outcome = await batcher.submit([VerifyItem("s", state["cached"], state["new"], (), (), GREEDY)], caller=caller)
+        result = outcome.results[0]
+        assert not result.cache_miss
+        state["cached"], state["new"] = result.num_cached_tokens, (result.next_token,)
+        return time.monotonic() - start
+
+    try:
+        waited = [await timed_call("ipv4:127.0.0.1:5001") for _ in range(LONE_CALLS_BEFORE_NOT_WAITING)]
+        assert min(waited) >= window * 0.9  # the first calls wait: company is not ruled out yet
+        fast = [await timed_call("ipv4:127.0.0.1:5001") for _ in range(4)]
+        assert max(fast) < window * 0.9 and batcher.num_waits_skipped == 4
+        assert await timed_call("ipv4:127.0.0.1:5002") >= window * 0.9  # another scheduler
+        assert await timed_call("ipv4:127.0.0.1:5001") >= window * 0.9  # ... so the first waits again
+        assert await timed_call(None) >= window * 0.9  # an unknown caller always waits
+    finally:
+        await batcher.close()
+
+
+async def test_the_verifier_service_knows_its_callers() -> None:
+    """Through gRPC: a scheduler's sequential calls stop waiting after a few; two concurrent
+    calls on the same channel still share a forward (test_concurrent_calls_share_one_forward)."""
+    async with _serving(batch_wait_ms=150) as (running, stub):
+        cached, new = 0, PROMPT_A
+        for _ in range(10):
+            (result,), _ = await _verify(stub, [VerifyItem("s", cached, new, (), (), GREEDY)])
+            cached, new = result.num_cached_tokens, (result.next_token,)
+        assert running.batcher.num_waits_skipped == 2
+
+
 @pytest.mark.parametrize("bad_item", [
     VerifyItem("bad", 0, (1, 2, VOCAB), (), (), GREEDY),  # token id outside the vocabulary
     VerifyItem("bad", 0, (1, 2), (5, 6), (_q(5),), SAMPLED),  # 2 drafts, 1 distribution

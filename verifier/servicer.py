@@ -34,7 +34,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     async def Verify(self, request: verifier_pb2.VerifyRequest, context: aio.ServicerContext) -> verifier_pb2.VerifyResponse:
         batcher, _ = self._ready()
         items = convert.items_from_request(request)
-        return convert.verify_response(items, await batcher.submit(items))
+        return convert.verify_response(items, await batcher.submit(items, caller=context.peer()))
 
     async def Release(self, request: common_pb2.ReleaseRequest, context: aio.ServicerContext) -> common_pb2.ReleaseResponse:
         batcher, _ = self._ready()
