@@ -328,6 +328,7 @@ class AdaptiveBudgetPolicy:
         # The round key of the round being repeated (pipeline lanes interleave two rounds'
         # calls; each verify_lengths must know whether its own round repeats).
         self._repeated_round: frozenset[str] | None = None
+        self.num_repeated_rounds = 0  # rounds that repeated a steady decision (stats, tests)
 
     def for_verifier(self, verifier: str) -> "AdaptiveBudgetPolicy":
         """A policy for one verifier's loop: same calibration and profiles, own cost curve."""
@@ -591,6 +592,7 @@ class AdaptiveBudgetPolicy:
             if self._repeat_key == self._round_key(sessions) and self._decode_only(sessions):
                 self._repeats_left -= 1
                 self._repeated_round = self._repeat_key
+                self.num_repeated_rounds += 1
                 self._explored_last_round = False
                 k = self._steady_length
                 return {s.session_id: min(k, cap) for s, cap in zip(sessions, caps)}

@@ -130,6 +130,28 @@ def test_drafter_equal_to_verifier_accepts_everything(verifier, references, draf
         assert out.stats.rounds == 1 + math.ceil((MAX_TOKENS - 1) / (draft_length + 1)), out.stats
 
 
+@pytest.mark.parametrize("drafter_kind", ["same", "unrelated"])
+def test_adaptive_policy_repeating_a_steady_decision(verifier, unrelated_model, references, drafter_kind):
+    """The adaptive policy repeats a steady decision (BudgetConfig.steady_rounds) without
+    planning: those rounds verify every drafted token. Output stays the verifier's greedy text."""
+    from scheduler.budget_policy import AdaptiveBudgetPolicy, BudgetConfig
+    from scheduler.calibration import CalibrationConfig
+    from scheduler.calibration_store import InMemoryCalibrationStore
+    from scheduler.cost_model import CostProfile
+
+    drafter_model = verifier if drafter_kind == "same" else unrelated_model
+    engine = make_engine(verifier, model_drafter(drafter_model), 4)
+    # A launch-bound cost curve (drafting always pays) and repeats after one steady round.
+    policy = AdaptiveBudgetPolicy(InMemoryCalibrationStore(CalibrationConfig()), CostProfile.flat(0.030), "pair", 4,
+                                  config=BudgetConfig(measure_timing=False, steady_rounds=1, repeat_rounds=1000))
+    engine._policy = policy  # before the first generate builds the speculation loop
+    outs = run(engine)
+    assert_exact(outs, references)
+    assert policy.num_repeated_rounds > 0
+    drafted, accepted = totals(outs)
+    assert drafted > 0 and (accepted == drafted if drafter_kind == "same" else accepted < drafted)
+
+
 @pytest.mark.parametrize("draft_length", DRAFT_LENGTHS)
 def test_unrelated_drafter(verifier, unrelated_model, references, draft_length):
     engine = make_engine(verifier, model_drafter(unrelated_model), draft_length)
