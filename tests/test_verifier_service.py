@@ -163,7 +163,7 @@ async def test_a_lone_caller_stops_waiting_for_company_and_a_second_caller_bring
     its calls skip the batch window. A call from anyone else, or overlapping calls, restore it."""
     from verifier.microbatch import LONE_CALLS_BEFORE_NOT_WAITING
 
-    window = 0.15
+    window = 0.3
     batcher = VerifyBatcher(_reference_core(), batch_wait_s=window)
     state = {"cached": 0, "new": PROMPT_A}
 
