@@ -465,7 +465,7 @@ class AdaptiveBudgetPolicy:
                 self.last_plan = replace(self.last_plan, lengths=dict(lengths))
         else:
             try:
-                lengths = self._plan_verification(sessions, chunks, available, drafted_seconds, base_tokens)
+                lengths = self._plan_verification(sessions, chunks, available, base_tokens, drafted_seconds)
             except Exception:  # noqa: BLE001 - fall back to a rule that ignores the drafted tokens
                 self._warn_once("verify_lengths")
                 lengths = {s.session_id: n for s, n in zip(sessions, available)}
@@ -589,7 +589,7 @@ class AdaptiveBudgetPolicy:
                 lengths = {sid: (k if sid in chosen else 0) for sid, k in lengths.items()}
             return lengths
         if self._repeats_left > 0:
-            if self._repeat_key == self._round_key(sessions) and self._decode_only(sessions):
+            if self._repeat_key == self._round_key(sessions) and self._base_tokens(sessions) == len(sessions):
                 self._repeats_left -= 1
                 self._repeated_round = self._repeat_key
                 self.num_repeated_rounds += 1
@@ -632,14 +632,11 @@ class AdaptiveBudgetPolicy:
         return k - 1 if k >= 2 else k
 
     def _plan_verification(self, sessions: Sequence[Session], chunks: dict[str, DraftChunk],
-                           available: list[int], drafted_seconds: float = 0.0,
-                           base_tokens: int | None = None) -> dict[str, int]:
+                           available: list[int], base_tokens: int, drafted_seconds: float = 0.0) -> dict[str, int]:
         """drafted_seconds: what this round's drafting took. Counting it keeps verification from
         throwing away drafts the round has already paid for where the verifier's curve has a
         step (on a 2-core CPU one token is a matrix-vector product and two are a matrix product:
         40 ms, then 60-70 ms for 2-8 tokens; the first draft alone looks like a loss)."""
-        if base_tokens is None:
-            base_tokens = self._base_tokens(sessions)
         # The step that verifying any drafts at all costs was weighed when the round chose to
         # draft (positions only). Charged to the first candidate here, it stops the greedy
         # before a prefix that pays for it (GPU bench, 64 sessions: 8 drafts drafted, 1.2
@@ -671,14 +668,6 @@ class AdaptiveBudgetPolicy:
     def _base_tokens(sessions: Sequence[Session]) -> int:
         """Committed tokens the verifier still has to process (1 per session unless re-prefilling)."""
         return sum(max(1, len(s.tokens) - s.verifier_cached) for s in sessions)
-
-    @staticmethod
-    def _decode_only(sessions: Sequence[Session]) -> bool:
-        """Whether every session feeds the verifier just its one committed token (no prefill)."""
-        for s in sessions:
-            if len(s.tokens) - s.verifier_cached > 1:
-                return False
-        return True
 
     @staticmethod
     def _round_key(sessions: Sequence[Session]) -> frozenset[str]:

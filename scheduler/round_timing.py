@@ -175,9 +175,8 @@ class LoadBucketedFit:
         bucket = load_bucket(sessions)
         own = self.fits.get(bucket)
         if own is not None:
-            coefficients = own.coefficients(now)
-            if coefficients is None and own.established:  # faded, not merely young
-                coefficients = own.coefficients(now, own.min_weight * self.own_faded_share)
+            # Established (not merely young): it speaks down to the faded share of its min_weight.
+            coefficients = own.coefficients(now, own.min_weight * self.own_faded_share if own.established else None)
             if coefficients is not None:
                 return coefficients
         for other in sorted(self.fits, key=lambda b: (abs(b - bucket), -b)):
