@@ -321,17 +321,17 @@ class ModelDrafter:
         (one transfer for the batch); sampled rows draw with their position's uniform."""
         ids = self.draft_token_ids  # draft-vocabulary row -> token id (None: rows are token ids)
         greedy = [b for b, path in enumerate(paths) if path.params is not None and path.params.greedy]
-        if greedy and len(greedy) == len(paths):  # all greedy (the common case): no per-row bookkeeping
-            tokens, confidences = greedy_tokens(logits)
-            if ids is not None:
-                tokens = [ids[token] for token in tokens]
-            return [(token, confidence, point_mass(token)) for token, confidence in zip(tokens, confidences)]
         picks: list[tuple[int, float, SparseDistribution] | None] = [None] * len(paths)
         if greedy:
-            tokens, confidences = greedy_tokens(logits[greedy])
-            for b, token, confidence in zip(greedy, tokens, confidences):
-                token = ids[token] if ids is not None else token
-                picks[b] = (token, confidence, point_mass(token))
+            every_row = len(greedy) == len(paths)  # the common case: no row selection
+            tokens, confidences = greedy_tokens(logits if every_row else logits[greedy])
+            if ids is not None:
+                tokens = [ids[token] for token in tokens]
+            greedy_picks = [(token, confidence, point_mass(token)) for token, confidence in zip(tokens, confidences)]
+            if every_row:
+                return greedy_picks
+            for b, pick in zip(greedy, greedy_picks):
+                picks[b] = pick
         for b, path in enumerate(paths):
             if picks[b] is None:
                 params = path.params

@@ -29,6 +29,7 @@ DRAFTER_HELP = ("Drafter REF, or 'prompt-lookup', 'layers:N' (verifier's first N
 
 
 def _local_choice(verifier: str, drafter: str, dtype: str) -> tuple[str, str]:
+    # Imported here: local_defaults loads torch, which commands that need no model should not.
     from specmesh.local_defaults import local_choice
 
     return local_choice(verifier, drafter, dtype)

@@ -30,7 +30,12 @@ def derive_seed(seed: int, *salts: int | str) -> int:
 
 
 def make_generator(seed: int, *salts: int | str, device: torch.device | str = "cpu") -> torch.Generator:
-    generator = torch.Generator(device=device)
+    return reseed(torch.Generator(device=device), seed, *salts)
+
+
+def reseed(generator: torch.Generator, seed: int, *salts: int | str) -> torch.Generator:
+    """generator, now drawing the stream make_generator(seed, *salts) draws (reusing one
+    generator where a fresh one per draw would be host work)."""
     generator.manual_seed(derive_seed(seed, *salts))
     return generator
 

@@ -7,8 +7,8 @@ runs ONE VerifierCore.verify over the merged items. The wait is bounded, skipped
 the queued calls fill a batch (max_batch_tokens or one session per KV slot), never repeated
 for a call that a full batch left behind, and skipped for a caller that has been alone (one
 scheduler, one call at a time: nobody to wait for) until another caller or an overlapping call
-shows up. While a forward runs, new calls queue up and form the
-next batch, so under load batches grow by themselves.
+shows up. While a forward runs, new calls queue up and form the next batch, so under load
+batches grow by themselves.
 
 Rules that keep merging invisible to callers:
 - each call is validated on its own before it is queued (verifier/call_validation.py), so a

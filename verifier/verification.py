@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from specmesh.distributions import derive_seed
+from specmesh.distributions import reseed
 from specmesh.errors import CapacityError, InvalidRequestError
 from specmesh.model_runner import ForwardRequest, ModelRunner
 from specmesh.records import VerifyItem, VerifyResult
@@ -108,7 +108,6 @@ class VerifierCore:
         uniforms = None
         if not item.params.greedy:
             # Keyed by seed and position only, so a seeded request replays however it is batched.
-            # One generator reseeded per session: the same stream as a fresh make_generator.
-            self._generator.manual_seed(derive_seed(item.params.seed, RANDOM_STREAM, item.committed_length))
-            uniforms = torch.rand(num_uniforms(len(item.draft_tokens)), generator=self._generator)
+            generator = reseed(self._generator, item.params.seed, RANDOM_STREAM, item.committed_length)
+            uniforms = torch.rand(num_uniforms(len(item.draft_tokens)), generator=generator)
         return Case(item.draft_tokens, item.draft_distributions, item.params, uniforms, item.want_logprobs)
